@@ -1,0 +1,178 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Engine of bpf_attach: attach a pinned program where its type belongs.
+
+What is attached is always read back from the kernel (BPF_PROG_QUERY on the
+cgroup or on the map), never from a state file, so a program detached by hand
+is noticed.
+
+"Ours" means: the pinned program itself, or an older version of it, i.e. a
+program of the same name and type that shares a map with it (what a reload by
+bpf_program leaves attached until this swap). Other programs on the same
+cgroup belong to other tools and are never touched.
+
+cgroup attachments use BPF_F_ALLOW_MULTI, so programs of other tools on the
+same cgroup keep running; an upgrade uses BPF_F_REPLACE with the old program's
+fd, which swaps the two in one step (no window without a program). A sockmap
+holds one msg_verdict program; attaching replaces it in one step.
+"""
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+import os
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils import libbpf, mounts, pins
+from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+ATTACH_TYPE = {'sock_ops': libbpf.ATTACH_CGROUP_SOCK_OPS, 'sk_msg': libbpf.ATTACH_SK_MSG_VERDICT}
+TARGET_OF = {'sock_ops': 'cgroup', 'sk_msg': 'map'}
+
+
+class Attachment(object):
+    def __init__(self, program, cgroup=None, map_pin=None):
+        if (cgroup is None) == (map_pin is None):
+            raise BpfError('exactly one of cgroup and map must be given', param='cgroup')
+        self.program = mounts.require_bpffs(program, 'program')
+        if cgroup is not None:
+            self.target_kind, self.target = 'cgroup', mounts.require_cgroup2_dir(cgroup, 'cgroup')
+        else:
+            self.target_kind, self.target = 'map', mounts.require_bpffs(map_pin, 'map')
+            found = pins.require_kind(self.target, 'map', 'map')
+            if found is None:
+                raise BpfError('map: nothing is pinned at %s; load the programs first '
+                               '(ebpf.sockredir.bpf_program)' % self.target, param='map')
+            if found['type'] not in ('sockhash', 'sockmap'):
+                raise BpfError('map: %s is a %s map, expected a sockhash or sockmap'
+                               % (self.target, found['type']), param='map')
+        self.pinned = pins.require_kind(self.program, 'prog', 'program')
+        if self.pinned is not None:
+            want = TARGET_OF.get(self.pinned['type'])
+            if want is None:
+                raise BpfError('program: %s is a %s program; supported are sock_ops (on a cgroup) '
+                               'and sk_msg (on a sockmap/sockhash)' % (self.program, self.pinned['type']),
+                               param='program')
+            if want != self.target_kind:
+                raise BpfError('program: %s is a %s program, which attaches to a %s, not to a %s; '
+                               'give %s instead' % (self.program, self.pinned['type'], want,
+                                                    self.target_kind, want), param=self.target_kind)
+        self.prog_type = self.pinned['type'] if self.pinned else \
+            {'cgroup': 'sock_ops', 'map': 'sk_msg'}[self.target_kind]
+        self.attach_type = ATTACH_TYPE[self.prog_type]
+
+    def _open_target(self):
+        if self.target_kind == 'cgroup':
+            return os.open(self.target, os.O_RDONLY | os.O_DIRECTORY)
+        return libbpf.obj_get(self.target)
+
+    def attached(self):
+        """[prog info] attached directly to the target for our attach type."""
+        with libbpf.Fd(self._open_target()) as tfd:
+            try:
+                _flags, ids = libbpf.prog_query(tfd, self.attach_type)
+            except BpfError as e:
+                if self.target_kind == 'map' and libbpf.errno_of(e) == 'EINVAL':
+                    raise BpfError('map: this kernel cannot report which program is attached to a '
+                                   'sockmap (BPF_PROG_QUERY on maps needs Linux 5.19 or later)',
+                                   param='map')
+                raise
+        out = []
+        for prog_id in ids:
+            try:
+                with libbpf.Fd(libbpf.prog_fd_by_id(prog_id)) as fd:
+                    out.append(libbpf.prog_info(fd))
+            except BpfError:
+                continue  # detached and freed while we looked
+        return out
+
+    def _is_ours(self, info):
+        if self.pinned is None:
+            # pin gone (removed by hand): fall back to the name the pin carried
+            return info['type'] == self.prog_type and \
+                info['name'] == os.path.basename(self.program)[:15]
+        if info['id'] == self.pinned['id']:
+            return True
+        if info['name'] != self.pinned['name'] or info['type'] != self.pinned['type']:
+            return False
+        return not self.pinned['map_ids'] or bool(set(info['map_ids']) & set(self.pinned['map_ids']))
+
+    def plan(self, state):
+        """(actions, before, after): actions is a list of ('attach'|'replace'|'detach', info)."""
+        now = self.attached()
+        ours = [i for i in now if self._is_ours(i)]
+        current = self.pinned is not None and any(i['id'] == self.pinned['id'] for i in ours)
+        stale = [i for i in ours if self.pinned is None or i['id'] != self.pinned['id']]
+        actions = []
+        if state == 'present':
+            if self.pinned is None:
+                raise BpfError('program: nothing is pinned at %s; load it first '
+                               '(ebpf.sockredir.bpf_program)' % self.program, param='program')
+            if not current:
+                if stale and self.target_kind == 'cgroup':
+                    actions.append(('replace', stale.pop(0)))
+                else:
+                    actions.append(('attach', None))
+            actions += [('detach', i) for i in stale if self.target_kind == 'cgroup']
+        else:
+            actions += [('detach', i) for i in ours]
+        before = [_brief(i) for i in now]
+        gone = set(i['id'] for kind, i in actions if i is not None)
+        after = [_brief(i) for i in now if i['id'] not in gone]
+        if state == 'present' and not current:
+            if self.target_kind == 'map':
+                after = []  # a sockmap holds one msg_verdict program: attaching replaces it
+            after.append(_brief(self.pinned))
+        return actions, before, after
+
+    def apply(self, actions):
+        with libbpf.Fd(self._open_target()) as tfd:
+            for kind, info in actions:
+                if kind == 'detach':
+                    self._detach(tfd, info)
+                    continue
+                with libbpf.Fd(libbpf.obj_get(self.program)) as pfd:
+                    flags = libbpf.F_ALLOW_MULTI if self.target_kind == 'cgroup' else 0
+                    replace_fd = libbpf.prog_fd_by_id(info['id']) if kind == 'replace' else None
+                    try:
+                        libbpf.prog_attach(pfd, tfd, self.attach_type, flags, replace_fd)
+                    except BpfError as e:
+                        raise self._explain(e)
+                    finally:
+                        if replace_fd is not None:
+                            os.close(replace_fd)
+
+    def _detach(self, tfd, info):
+        try:
+            with libbpf.Fd(libbpf.prog_fd_by_id(info['id'])) as fd:
+                libbpf.prog_detach(fd, tfd, self.attach_type)
+        except BpfError as e:
+            if libbpf.errno_of(e) != 'ENOENT':  # already gone: what we wanted
+                raise
+
+    def _explain(self, e):
+        if libbpf.errno_of(e) == 'EPERM' and self.target_kind == 'cgroup':
+            return BpfError('cgroup: %s already has a sock_ops program attached by another tool '
+                            'without BPF_F_ALLOW_MULTI; it is not ours to evict. Detach it or '
+                            're-attach it with the "multi" flag, then run again. (%s)'
+                            % (self.target, e.msg), param='cgroup')
+        return BpfError('attaching %s to %s: %s' % (self.program, self.target, e.msg),
+                        param=self.target_kind)
+
+
+def _brief(info):
+    return dict(id=info['id'], name=info['name'], tag=info['tag'], type=info['type'])
+
+
+def execute(params, check_mode, want_diff):
+    """bpf_attach's whole job; returns the module result."""
+    att = Attachment(params['program'], cgroup=params['cgroup'], map_pin=params['map'])
+    actions, before, after = att.plan(params['state'])
+    result = dict(changed=bool(actions), target=att.target, attach_type=att.prog_type,
+                  actions=[dict(action=kind, id=info and info['id']) for kind, info in actions])
+    if actions and not check_mode:
+        att.apply(actions)
+        after = [_brief(i) for i in att.attached()]
+    result['attached'] = after
+    if want_diff:
+        result['diff'] = dict(before=dict(attached=before), after=dict(attached=after))
+    return result

@@ -1,0 +1,102 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Which kernel headers BCC compiles against, and how it finds them.
+
+BCC looks in /lib/modules/$(uname -r)/build (and .../source), or in the one
+directory named by BCC_KERNEL_SOURCE. Distribution kernels ship
+linux-headers-$(uname -r) there. A custom kernel has none; for programs that
+only use UAPI structs (ours), Debian's generic linux-headers-<flavour> serve.
+Debian splits them in two trees (<ver>-<flavour>: generated files, <ver>-common:
+the rest), and BCC_KERNEL_SOURCE takes only one directory, so we merge the two
+as symlinks in a private cache directory. Nothing is written under /lib/modules.
+"""
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+DEFAULT_CACHE = '/var/cache/ebpf-sockredir/kernel-headers'
+
+
+def _version_key(path):
+    return [int(n) if n.isdigit() else n for n in re.split(r'(\d+)', os.path.basename(path))]
+
+
+def _generic_debian_trees(src_root='/usr/src'):
+    """(flavour tree, common tree) of the newest Debian generic headers, or None."""
+    pairs = []
+    for common in glob.glob(os.path.join(src_root, 'linux-headers-*-common')):
+        base = common[:-len('-common')]
+        for flavour in glob.glob(base + '-*'):
+            if flavour != common and os.path.isdir(os.path.join(flavour, 'include', 'generated')):
+                pairs.append((flavour, common))
+    if not pairs:
+        return None
+    return sorted(pairs, key=lambda p: _version_key(p[0]))[-1]
+
+
+def _merge(flavour, common, cache_dir):
+    """Symlink tree of common overlaid by flavour; built once, atomically."""
+    target = os.path.join(cache_dir, os.path.basename(flavour))
+    stamp = os.path.join(target, '.ebpf-sockredir-complete')
+    if os.path.exists(stamp):
+        return target
+    os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.merge-', dir=cache_dir)
+    try:
+        for tree, extra in ((common, []), (flavour, ['-f'])):
+            subprocess.run(['cp', '-rs'] + extra + [tree + '/.', tmp + '/'], check=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        open(os.path.join(tmp, '.ebpf-sockredir-complete'), 'w').close()
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except (OSError, subprocess.CalledProcessError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BpfError('kernel_headers: could not build the merged header tree in %s: %s'
+                       % (cache_dir, getattr(e, 'stderr', None) or e), param='kernel_headers')
+    return target
+
+
+def resolve(kernel_headers='auto', cache_dir=DEFAULT_CACHE, release=None, check_mode=False,
+            modules_root='/lib/modules', src_root='/usr/src'):
+    """dict(kind, path, env) telling BCC where the headers are.
+
+    kind is 'running-kernel' (/lib/modules/<release>/build), 'generic' (Debian's
+    generic headers merged in cache_dir) or 'explicit' (the path the user gave).
+    """
+    release = release or os.uname().release
+    if kernel_headers != 'auto':
+        path = os.path.normpath(kernel_headers)
+        if not os.path.isdir(os.path.join(path, 'include')):
+            raise BpfError('kernel_headers: %s is not a kernel header tree (no include/ directory); '
+                           'expected "auto" or a directory like /lib/modules/<release>/build'
+                           % kernel_headers, param='kernel_headers')
+        return dict(kind='explicit', path=path, env={'BCC_KERNEL_SOURCE': path})
+
+    build = os.path.join(modules_root, release, 'build')
+    if os.path.isdir(os.path.join(build, 'include')):
+        return dict(kind='running-kernel', path=os.path.realpath(build), env={})
+
+    trees = _generic_debian_trees(src_root)
+    if trees is None:
+        raise BpfError(
+            'kernel_headers: BCC needs kernel headers and none were found: %s does not exist and '
+            'no generic headers are installed in %s. Install linux-headers-%s (distribution kernel) '
+            'or, for a custom kernel on Debian, linux-headers-amd64 (or your architecture\'s flavour).'
+            % (build, src_root, release), param='kernel_headers')
+    flavour, common = trees
+    target = os.path.join(cache_dir, os.path.basename(flavour))
+    if not check_mode:
+        target = _merge(flavour, common, cache_dir)
+    return dict(kind='generic', path=target, env={'BCC_KERNEL_SOURCE': target},
+                package_tree=flavour)

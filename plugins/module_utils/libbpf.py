@@ -1,0 +1,233 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Thin ctypes wrapper over libbpf (libbpf.so.1) for what bcc's Python API lacks.
+
+bcc compiles and loads; everything about objects that already live in the
+kernel (pins, ids, tags, attachments, queries, map contents, feature probes)
+goes through libbpf here. libbpf is a dependency of Debian's libbpfcc, so it is
+present wherever python3-bpfcc is. libbpf 1.x returns -errno from every call.
+"""
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+# enum bpf_prog_type / bpf_map_type / bpf_attach_type / bpf_func_id (uapi/linux/bpf.h)
+PROG_TYPE_SOCK_OPS = 13
+PROG_TYPE_SK_MSG = 16
+MAP_TYPE_PERCPU_ARRAY = 6
+MAP_TYPE_SOCKMAP = 15
+MAP_TYPE_SOCKHASH = 18
+ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_SK_MSG_VERDICT = 7
+FUNC_MSG_REDIRECT_HASH = 71
+FUNC_GET_NETNS_COOKIE = 122
+
+# attach flags
+F_ALLOW_OVERRIDE = 1
+F_ALLOW_MULTI = 2
+F_REPLACE = 4
+
+PROG_TYPE_NAMES = {PROG_TYPE_SOCK_OPS: 'sock_ops', PROG_TYPE_SK_MSG: 'sk_msg'}
+MAP_TYPE_NAMES = {1: 'hash', 2: 'array', MAP_TYPE_PERCPU_ARRAY: 'percpu_array',
+                  MAP_TYPE_SOCKMAP: 'sockmap', MAP_TYPE_SOCKHASH: 'sockhash'}
+
+
+class _ProgInfo(ctypes.Structure):
+    # struct bpf_prog_info up to name[]; the kernel accepts a larger, zeroed tail.
+    _fields_ = [
+        ('type', ctypes.c_uint32), ('id', ctypes.c_uint32), ('tag', ctypes.c_uint8 * 8),
+        ('jited_prog_len', ctypes.c_uint32), ('xlated_prog_len', ctypes.c_uint32),
+        ('jited_prog_insns', ctypes.c_uint64), ('xlated_prog_insns', ctypes.c_uint64),
+        ('load_time', ctypes.c_uint64), ('created_by_uid', ctypes.c_uint32),
+        ('nr_map_ids', ctypes.c_uint32), ('map_ids', ctypes.c_uint64),
+        ('name', ctypes.c_char * 16), ('_tail', ctypes.c_uint8 * 176),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ('type', ctypes.c_uint32), ('id', ctypes.c_uint32), ('key_size', ctypes.c_uint32),
+        ('value_size', ctypes.c_uint32), ('max_entries', ctypes.c_uint32),
+        ('map_flags', ctypes.c_uint32), ('name', ctypes.c_char * 16),
+        ('_tail', ctypes.c_uint8 * 96),
+    ]
+
+
+class _AttachOpts(ctypes.Structure):
+    # struct bpf_prog_attach_opts as of libbpf 1.1; newer libbpf accepts this
+    # smaller size (the sz field tells it which fields we know).
+    _fields_ = [('sz', ctypes.c_size_t), ('flags', ctypes.c_uint32),
+                ('replace_prog_fd', ctypes.c_int)]
+
+
+_lib = None
+
+
+def lib():
+    global _lib
+    if _lib is None:
+        name = ctypes.util.find_library('bpf') or 'libbpf.so.1'
+        try:
+            _lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as e:
+            raise BpfError('libbpf (libbpf.so.1) could not be loaded: %s. Install the '
+                           'package libbpf1 (a dependency of python3-bpfcc).' % e)
+    return _lib
+
+
+def _check(rc, what):
+    if rc < 0:
+        raise BpfError('%s failed: %s' % (what, os.strerror(-rc)),
+                       details={'errno': errno.errorcode.get(-rc, str(-rc))})
+    return rc
+
+
+def errno_of(exc):
+    """The errno name carried by a BpfError from this module, or None."""
+    return exc.details.get('errno') if isinstance(exc, BpfError) else None
+
+
+def obj_get(path):
+    """fd of the object pinned at path (caller closes it)."""
+    return _check(lib().bpf_obj_get(path.encode()), 'opening pin %s' % path)
+
+
+def obj_pin(fd, path):
+    _check(lib().bpf_obj_pin(fd, path.encode()), 'pinning at %s' % path)
+
+
+def prog_fd_by_id(prog_id):
+    return _check(lib().bpf_prog_get_fd_by_id(ctypes.c_uint32(prog_id)),
+                  'opening program id %d' % prog_id)
+
+
+def map_fd_by_id(map_id):
+    return _check(lib().bpf_map_get_fd_by_id(ctypes.c_uint32(map_id)),
+                  'opening map id %d' % map_id)
+
+
+def _info(fd, info, what):
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), what)
+    return info
+
+
+def prog_info(fd):
+    """dict(id, type, name, tag, map_ids) of a program fd, as the kernel reports it."""
+    info = _info(fd, _ProgInfo(), 'reading program info')
+    map_ids = []
+    if info.nr_map_ids:
+        ids = (ctypes.c_uint32 * info.nr_map_ids)()
+        again = _ProgInfo()
+        again.nr_map_ids = info.nr_map_ids
+        again.map_ids = ctypes.addressof(ids)
+        _info(fd, again, 'reading program map ids')
+        map_ids = sorted(ids[:min(again.nr_map_ids, info.nr_map_ids)])
+    return dict(id=info.id, type=PROG_TYPE_NAMES.get(info.type, str(info.type)),
+                name=info.name.decode(errors='replace'), tag=bytes(info.tag).hex(),
+                map_ids=map_ids)
+
+
+def map_info(fd):
+    info = _info(fd, _MapInfo(), 'reading map info')
+    return dict(id=info.id, type=MAP_TYPE_NAMES.get(info.type, str(info.type)),
+                name=info.name.decode(errors='replace'), key_size=info.key_size,
+                value_size=info.value_size, max_entries=info.max_entries,
+                flags=info.map_flags)
+
+
+def fd_kind(fd):
+    """'prog', 'map' or 'link': read from the kernel's fdinfo of the object."""
+    with open('/proc/self/fdinfo/%d' % fd) as f:
+        for line in f:
+            key = line.split(':', 1)[0]
+            if key in ('prog_type', 'map_type', 'link_type'):
+                return key.split('_', 1)[0]
+    return 'other'
+
+
+def prog_query(target_fd, attach_type):
+    """(attach_flags, [prog ids]) attached directly to target for attach_type."""
+    count = 64
+    while True:
+        ids = (ctypes.c_uint32 * count)()
+        cnt = ctypes.c_uint32(count)
+        flags = ctypes.c_uint32(0)
+        rc = lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(cnt))
+        if rc == -errno.ENOSPC:
+            count *= 4
+            continue
+        _check(rc, 'querying attached programs')
+        return flags.value, list(ids[:cnt.value])
+
+
+def prog_attach(prog_fd, target_fd, attach_type, flags, replace_fd=None):
+    opts = _AttachOpts(sz=ctypes.sizeof(_AttachOpts), flags=flags, replace_prog_fd=0)
+    if replace_fd is not None:
+        opts.flags |= F_REPLACE
+        opts.replace_prog_fd = replace_fd
+    _check(lib().bpf_prog_attach_opts(prog_fd, target_fd, attach_type, ctypes.byref(opts)),
+           'attaching program')
+
+
+def prog_detach(prog_fd, target_fd, attach_type):
+    _check(lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), 'detaching program')
+
+
+def map_keys(fd, key_size):
+    """All keys of a hash-like map (sockhash included), read with get_next_key."""
+    keys = []
+    prev = None
+    key = ctypes.create_string_buffer(key_size)
+    while True:
+        rc = lib().bpf_map_get_next_key(fd, prev, key)
+        if rc == -errno.ENOENT:
+            return keys
+        _check(rc, 'iterating map keys')
+        keys.append(key.raw)
+        prev = ctypes.create_string_buffer(key.raw, key_size)
+
+
+def possible_cpus():
+    return _check(lib().libbpf_num_possible_cpus(), 'counting possible CPUs')
+
+
+def percpu_u64_sum(fd, index):
+    """Sum over CPUs of a u64 value in a per-CPU array."""
+    ncpu = possible_cpus()
+    values = (ctypes.c_uint64 * ncpu)()
+    key = ctypes.c_uint32(index)
+    _check(lib().bpf_map_lookup_elem(fd, ctypes.byref(key), values), 'reading counter %d' % index)
+    return sum(values)
+
+
+def probe_prog_type(prog_type):
+    return lib().libbpf_probe_bpf_prog_type(prog_type, None) == 1
+
+
+def probe_map_type(map_type):
+    return lib().libbpf_probe_bpf_map_type(map_type, None) == 1
+
+
+def probe_helper(prog_type, helper):
+    return lib().libbpf_probe_bpf_helper(prog_type, helper, None) == 1
+
+
+class Fd(object):
+    """Context manager that closes a BPF object fd."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __enter__(self):
+        return self.fd
+
+    def __exit__(self, *exc):
+        os.close(self.fd)

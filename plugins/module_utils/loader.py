@@ -1,0 +1,117 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Compile a BPF C source with BCC and load its programs.
+
+bcc's C++ side writes compiler and verifier messages straight to file
+descriptor 2 (and sometimes 1), which would corrupt a module's JSON on stdout
+and lose the message the user needs. They are captured around every bcc call
+and put into the error.
+"""
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+import contextlib
+import os
+import sys
+import tempfile
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+try:
+    from bcc import BPF
+    from bcc import libbcc
+    HAS_BCC = True
+    BCC_IMPORT_ERROR = None
+except ImportError as e:
+    HAS_BCC = False
+    BCC_IMPORT_ERROR = e
+
+PROG_TYPES = {'sock_ops': 13, 'sk_msg': 16}  # BPF.SOCK_OPS, BPF.SK_MSG
+
+
+class _Captured(object):
+    text = ''
+
+
+@contextlib.contextmanager
+def captured_output():
+    """Redirect fds 1 and 2 to a temp file for the duration; .text has what was written."""
+    box = _Captured()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield box
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            box.text = tmp.read().decode('utf-8', 'replace')
+
+
+def bcc_version():
+    import bcc
+    return getattr(bcc, '__version__', 'unknown')
+
+
+def _tail(text, lines=40):
+    kept = [line for line in text.splitlines() if line.strip()]
+    return '\n'.join(kept[-lines:])
+
+
+class Compiled(object):
+    """A compiled source; load(name, type) gives a program fd. Close it when done."""
+
+    def __init__(self, src_path, cflags, env):
+        self.src_path = src_path
+        saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            with captured_output() as out:
+                try:
+                    self.bpf = BPF(src_file=src_path.encode(), cflags=cflags)
+                    err = None
+                except Exception as e:  # bcc raises bare Exception
+                    err = e
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        self.warnings = out.text
+        if err is not None:
+            raise BpfError('src: %s does not compile (%s). Compiler output:\n%s'
+                           % (src_path, err, _tail(out.text)), param='src',
+                           details={'compiler_output': out.text.splitlines()})
+
+    def has_function(self, name):
+        return bool(libbcc.lib.bpf_function_start(self.bpf.module, name.encode()))
+
+    def load(self, name, prog_type):
+        if not self.has_function(name):
+            raise BpfError('programs: %r is not a function in %s' % (name, self.src_path),
+                           param='programs')
+        with captured_output() as out:
+            try:
+                fn = self.bpf.load_func(name, PROG_TYPES[prog_type])
+                err = None
+            except Exception as e:
+                err = e
+        if err is not None:
+            raise BpfError('programs: the kernel rejected %r as %s (%s). Verifier output:\n%s'
+                           % (name, prog_type, err, _tail(out.text)), param='programs',
+                           details={'verifier_output': out.text.splitlines()})
+        return fn.fd
+
+    def close(self):
+        with captured_output():
+            self.bpf.cleanup()

@@ -1,0 +1,46 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Read what is pinned in bpffs: kind and kernel-reported info of each pin."""
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+import os
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils import libbpf
+from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+
+def describe(path):
+    """None if nothing is pinned at path, else dict(kind, info...) from the kernel."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        fd = libbpf.obj_get(path)
+    except BpfError as e:
+        return dict(kind='other', error=e.msg)
+    with libbpf.Fd(fd):
+        kind = libbpf.fd_kind(fd)
+        if kind == 'prog':
+            return dict(kind='prog', **libbpf.prog_info(fd))
+        if kind == 'map':
+            return dict(kind='map', **libbpf.map_info(fd))
+        return dict(kind=kind)
+
+
+def require_kind(path, kind, param):
+    """describe(path), failing if something of another kind is pinned there."""
+    found = describe(path)
+    if found is not None and found['kind'] != kind:
+        raise BpfError('%s: %s holds a %s, expected a %s (or nothing). Remove it by hand if it '
+                       'is not needed; it is left untouched.'
+                       % (param, path, found['kind'], {'prog': 'program', 'map': 'map'}[kind]),
+                       param=param)
+    return found
+
+
+def list_dir(pin_dir):
+    """{name: describe(path)} for every pin directly in pin_dir."""
+    if not os.path.isdir(pin_dir):
+        return {}
+    return {name: describe(os.path.join(pin_dir, name)) for name in sorted(os.listdir(pin_dir))}

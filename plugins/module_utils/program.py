@@ -1,0 +1,284 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Engine of bpf_program: compile, load and pin a source's programs, idempotently.
+
+Identity of what is pinned: a digest of everything that shapes the bytecode
+(source, headers it includes, defines, program list, bcc version, which kernel
+headers) is recorded with the kernel ids and tags of the programs it produced.
+A later run trusts the record only if the kernel still reports those same
+programs at the pins, using the pinned maps; otherwise it reloads. So an
+unchanged run never needs the compiler, and a hand-made change is noticed.
+
+Maps pin themselves (BPF_TABLE_PINNED in the source, under BPF_PIN_DIR), so a
+reload reuses them: sockets already in the sockhash stay redirected. New
+programs are pinned beside the old ones and renamed over them; the old ones
+stay attached (and working) until bpf_attach swaps them atomically.
+"""
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+import glob
+import hashlib
+import json
+import os
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils import headers as kheaders
+from ansible_collections.ebpf.sockredir.plugins.module_utils import libbpf, loader, mounts, pins
+from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+RECORD_DIR = '/run/ebpf-sockredir'
+NAME_MAX = 15  # BPF_OBJ_NAME_LEN - 1: longer names are cut by the kernel
+
+
+def record_path(pin_dir, record_dir=RECORD_DIR):
+    return os.path.join(record_dir, hashlib.sha256(pin_dir.encode()).hexdigest()[:16] + '.json')
+
+
+class ProgramSet(object):
+    def __init__(self, pin_dir, programs=None, maps=None, src=None, defines=None,
+                 include_dirs=None, kernel_headers='auto', headers_cache=kheaders.DEFAULT_CACHE,
+                 record_dir=RECORD_DIR):
+        self.pin_dir = mounts.require_bpffs(pin_dir, 'pin_dir')
+        self.programs = programs or []
+        self.maps = maps or []
+        self.src = src
+        self.defines = defines or {}
+        self.include_dirs = include_dirs
+        self.kernel_headers = kernel_headers
+        self.headers_cache = headers_cache
+        self.record_file = record_path(self.pin_dir, record_dir)
+        self._validate_names()
+
+    # -- reading -----------------------------------------------------------
+
+    def _validate_names(self):
+        for i, p in enumerate(self.programs):
+            name = p.get('name') or ''
+            if not name.isidentifier() or len(name) > NAME_MAX:
+                raise BpfError('programs[%d].name must be a C identifier of at most %d characters '
+                               '(the kernel\'s name limit), got %r' % (i, NAME_MAX, name),
+                               param='programs')
+            if p.get('type') not in loader.PROG_TYPES:
+                raise BpfError('programs[%d].type must be one of %s, got %r'
+                               % (i, ', '.join(sorted(loader.PROG_TYPES)), p.get('type')),
+                               param='programs')
+        for i, name in enumerate(self.maps):
+            if not name.isidentifier() or len(name) > NAME_MAX:
+                raise BpfError('maps[%d] must be a C identifier of at most %d characters, got %r'
+                               % (i, NAME_MAX, name), param='maps')
+
+    def pin(self, name):
+        return os.path.join(self.pin_dir, name)
+
+    def read_record(self):
+        try:
+            with open(self.record_file) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def current(self):
+        """What the kernel has at our pins now."""
+        progs = {p['name']: pins.require_kind(self.pin(p['name']), 'prog', 'programs')
+                 for p in self.programs}
+        maps = {m: pins.require_kind(self.pin(m), 'map', 'maps') for m in self.maps}
+        return dict(programs=progs, maps=maps)
+
+    def _source_files(self):
+        dirs = self.include_dirs or [os.path.dirname(os.path.abspath(self.src))]
+        headers = sorted(set(h for d in dirs for h in glob.glob(os.path.join(d, '*.h'))))
+        return [self.src] + headers
+
+    def cflags(self):
+        dirs = self.include_dirs or [os.path.dirname(os.path.abspath(self.src))]
+        flags = ['-I%s' % d for d in dirs]
+        defines = dict(self.defines, BPF_PIN_DIR='"%s"' % self.pin_dir)
+        flags += ['-D%s=%s' % (k, defines[k]) for k in sorted(defines)]
+        return flags
+
+    def digest(self, headers):
+        h = hashlib.sha256()
+        for path in self._source_files():
+            try:
+                with open(path, 'rb') as f:
+                    h.update(path.encode() + b'\0' + f.read() + b'\0')
+            except OSError as e:
+                raise BpfError('src: cannot read %s: %s' % (path, e.strerror), param='src')
+        meta = dict(cflags=self.cflags(), programs=self.programs, bcc=loader.bcc_version(),
+                    headers=[headers['kind'], headers['path']])
+        h.update(json.dumps(meta, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def reload_reasons(self, now, record, digest):
+        """Why the pinned state is not what this source and these options make; [] if it is."""
+        reasons = []
+        if record is None:
+            reasons.append('no record of a load into %s' % self.pin_dir)
+        elif record.get('digest') != digest:
+            reasons.append('source or options changed')
+        for p in self.programs:
+            got = now['programs'][p['name']]
+            if got is None:
+                reasons.append('program pin %s is missing' % self.pin(p['name']))
+            elif got['type'] != p['type']:
+                reasons.append('%s is a %s program, expected %s' % (self.pin(p['name']), got['type'], p['type']))
+            elif record and record.get('programs', {}).get(p['name']) != dict(id=got['id'], tag=got['tag']):
+                reasons.append('program at %s is not the one recorded' % self.pin(p['name']))
+            else:
+                for m, info in now['maps'].items():
+                    if info is not None and info['id'] not in got['map_ids']:
+                        reasons.append('program %s does not use the pinned map %s' % (p['name'], m))
+        for m, info in now['maps'].items():
+            if info is None:
+                reasons.append('map pin %s is missing' % self.pin(m))
+        return reasons
+
+    # -- changing ----------------------------------------------------------
+
+    def load_and_pin(self, headers):
+        """Compile, load, pin. On failure, pins this call created are removed again."""
+        for path in [self.src] + (self.include_dirs or []):
+            if not os.path.exists(path):
+                param = 'src' if path == self.src else 'include_dirs'
+                raise BpfError('%s: %s does not exist' % (param, path), param=param)
+        created_dir = not os.path.isdir(self.pin_dir)
+        maps_before = set(m for m in self.maps if os.path.lexists(self.pin(m)))
+        made = []
+        compiled = None
+        try:
+            if created_dir:
+                os.makedirs(self.pin_dir, mode=0o700)
+            compiled = loader.Compiled(self.src, self.cflags(), headers['env'])
+            made += [self.pin(m) for m in self.maps if m not in maps_before]
+            missing = [m for m in self.maps if not os.path.lexists(self.pin(m))]
+            if missing:
+                raise BpfError('maps: the source did not pin %s in %s; declare each with '
+                               'BPF_TABLE_PINNED(..., BPF_PIN_DIR "/<name>")'
+                               % (', '.join(missing), self.pin_dir), param='maps')
+            fds = [(p['name'], compiled.load(p['name'], p['type'])) for p in self.programs]
+            staged = []
+            for name, fd in fds:
+                tmp = self.pin('.%s.new' % name)
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+                libbpf.obj_pin(fd, tmp)
+                made.append(tmp)
+                staged.append((tmp, self.pin(name)))
+            for tmp, final in staged:
+                os.replace(tmp, final)  # bpffs renames atomically over the old pin
+            return compiled.warnings
+        except BaseException:
+            for path in made:
+                if os.path.lexists(path):
+                    os.unlink(path)
+            if created_dir and os.path.isdir(self.pin_dir) and not os.listdir(self.pin_dir):
+                os.rmdir(self.pin_dir)
+            raise
+        finally:
+            if compiled is not None:
+                compiled.close()
+
+    def write_record(self, digest, headers):
+        now = self.current()
+        record = dict(digest=digest, pin_dir=self.pin_dir, headers=headers['kind'],
+                      programs={n: dict(id=i['id'], tag=i['tag']) for n, i in now['programs'].items()},
+                      maps=list(self.maps))
+        os.makedirs(os.path.dirname(self.record_file), mode=0o700, exist_ok=True)
+        tmp = self.record_file + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(record, f, sort_keys=True)
+        os.replace(tmp, self.record_file)
+        return now
+
+    def remove(self):
+        """Unpin our programs and maps, drop the record; ids still loaded afterwards."""
+        record = self.read_record() or {}
+        names = [p['name'] for p in self.programs] or list(record.get('programs', {}))
+        maps = list(self.maps) or list(record.get('maps', []))
+        still = []
+        for name in names:  # staging pins of a run that was killed mid-swap
+            stale = self.pin('.%s.new' % name)
+            if os.path.lexists(stale):
+                os.unlink(stale)
+        for name, kind in [(n, 'prog') for n in names] + [(m, 'map') for m in maps]:
+            path = self.pin(name)
+            found = pins.require_kind(path, kind, 'programs' if kind == 'prog' else 'maps')
+            if found is None:
+                continue
+            os.unlink(path)
+            if kind == 'prog':
+                try:
+                    with libbpf.Fd(libbpf.prog_fd_by_id(found['id'])):
+                        still.append(dict(name=name, id=found['id']))
+                except BpfError:
+                    pass
+        if os.path.exists(self.record_file):
+            os.unlink(self.record_file)
+        if os.path.isdir(self.pin_dir) and not os.listdir(self.pin_dir):
+            os.rmdir(self.pin_dir)
+        return still
+
+    def removable(self):
+        record = self.read_record() or {}
+        names = [p['name'] for p in self.programs] or list(record.get('programs', {}))
+        maps = list(self.maps) or list(record.get('maps', []))
+        return [n for n in names + maps if os.path.lexists(self.pin(n))] + \
+            ([self.record_file] if os.path.exists(self.record_file) else [])
+
+
+def execute(params, check_mode, want_diff):
+    """bpf_program's whole job; returns the module result."""
+    ps = ProgramSet(params['pin_dir'], programs=params['programs'], maps=params['maps'],
+                    src=params['src'], defines=params['defines'],
+                    include_dirs=params['include_dirs'], kernel_headers=params['kernel_headers'],
+                    headers_cache=params['headers_cache'])
+    result = dict(changed=False, pin_dir=ps.pin_dir)
+    if params['state'] == 'absent':
+        gone = ps.removable()
+        result['changed'] = bool(gone)
+        if want_diff:
+            result['diff'] = dict(before=dict(pins=sorted(gone)), after=dict(pins=[]))
+        if gone and not check_mode:
+            still = ps.remove()
+            if still:
+                result['warnings'] = ['program %s (id %d) is unpinned but still loaded: it is still '
+                                      'attached somewhere; detach it with ebpf.sockredir.bpf_attach '
+                                      'state=absent' % (s['name'], s['id']) for s in still]
+        return result
+
+    now = ps.current()
+    plan_headers = kheaders.resolve(ps.kernel_headers, ps.headers_cache, check_mode=True)
+    digest = ps.digest(plan_headers)
+    reasons = ps.reload_reasons(now, ps.read_record(), digest)
+    result.update(digest=digest, reasons=reasons, kernel_headers=plan_headers)
+    if reasons:
+        result['changed'] = True
+        if not check_mode:
+            headers = kheaders.resolve(ps.kernel_headers, ps.headers_cache)
+            result['kernel_headers'] = headers
+            warnings = ps.load_and_pin(headers)
+            if warnings.strip():
+                result['compiler_warnings'] = warnings.splitlines()
+            after = ps.write_record(digest, headers)
+        else:
+            after = None
+    else:
+        after = now
+    if want_diff:
+        result['diff'] = dict(before=_summary(now), after=_summary(after) if after else
+                              dict(reload=reasons))
+    final = after or now
+    result['programs'] = {n: dict(id=i['id'], tag=i['tag'], type=i['type'], pin=ps.pin(n),
+                                  map_ids=i['map_ids'])
+                          for n, i in final['programs'].items() if i}
+    result['maps'] = {n: dict(id=i['id'], type=i['type'], max_entries=i['max_entries'], pin=ps.pin(n))
+                      for n, i in final['maps'].items() if i}
+    return result
+
+
+def _summary(state):
+    return dict(programs={n: (i and '%s id=%d tag=%s' % (i['type'], i['id'], i['tag']))
+                          for n, i in state['programs'].items()},
+                maps={n: (i and '%s id=%d max_entries=%d' % (i['type'], i['id'], i['max_entries']))
+                      for n, i in state['maps'].items()})

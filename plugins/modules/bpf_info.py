@@ -1,0 +1,108 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+DOCUMENTATION = r'''
+---
+module: bpf_info
+short_description: Facts about BPF socket redirection on a host
+version_added: 0.1.0
+description:
+  - Read-only. Reports the kernel features socket redirection needs (probed through libbpf), the pins
+    in a bpffs directory with what the kernel says of each (id, name, type, tag, map ids), map entry
+    counts, the C(msg_verdict) program of each sockmap, the counters of this collection's programs,
+    and the C(sock_ops) programs attached to a cgroup.
+author:
+  - ebpf.sockredir developers
+requirements:
+  - libbpf (C(libbpf1)).
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+options:
+  pin_dir:
+    description: A directory on bpffs whose pins to report. Optional.
+    type: path
+  cgroup:
+    description: A cgroup v2 directory whose attached C(sock_ops) programs to report. Optional.
+    type: path
+seealso:
+  - module: ebpf.sockredir.bpf_program
+  - module: ebpf.sockredir.bpf_attach
+'''
+
+EXAMPLES = r'''
+- name: Read what is loaded and attached
+  ebpf.sockredir.bpf_info:
+    pin_dir: /sys/fs/bpf/sockredir
+    cgroup: /sys/fs/cgroup
+  register: sockredir
+
+- name: Show the redirected bytes
+  ansible.builtin.debug:
+    msg: "{{ sockredir.counters.redirected_bytes }} bytes skipped the TCP stack"
+'''
+
+RETURN = r'''
+features:
+  description: What the running kernel offers.
+  returned: always
+  type: dict
+  sample: {"kernel": "6.1.0-26-amd64", "btf": true, "bpf_syscall": true, "sock_ops": true,
+           "sk_msg": true, "sockhash": true, "netns_cookie_in_sk_msg": true,
+           "cgroup2_mount": "/sys/fs/cgroup", "bpffs_mounts": ["/sys/fs/bpf"], "sockredir_ready": true}
+exists:
+  description: Whether O(pin_dir) exists.
+  returned: when pin_dir is given
+  type: bool
+programs:
+  description: Programs pinned in O(pin_dir), by pin name.
+  returned: when pin_dir is given
+  type: dict
+  sample: {"sockredir_ops": {"kind": "prog", "id": 41, "name": "sockredir_ops", "type": "sock_ops",
+           "tag": "a04f5eef1a2e5c3b", "map_ids": [12, 13]}}
+maps:
+  description: Maps pinned in O(pin_dir), with C(entries) for hash-like maps, C(values) for small
+    per-CPU u64 arrays (summed over CPUs) and C(msg_verdict) for sockmaps.
+  returned: when pin_dir is given
+  type: dict
+counters:
+  description: The counters of this collection's programs, summed over CPUs.
+  returned: when O(pin_dir) holds C(sockredir_stats)
+  type: dict
+  sample: {"redirected_msgs": 1024, "redirected_bytes": 67108864, "passed_msgs": 3,
+           "passed_bytes": 120, "inserted": 2, "insert_full": 0, "insert_failed": 0}
+attached:
+  description: C(sock_ops) programs attached directly to O(cgroup).
+  returned: when cgroup is given
+  type: dict
+'''
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils import facts
+from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            pin_dir=dict(type='path'),
+            cgroup=dict(type='path'),
+        ),
+        supports_check_mode=True,
+    )
+    try:
+        result = facts.execute(module.params)
+    except BpfError as e:
+        module.fail_json(**e.to_fail_json())
+    module.exit_json(**result)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,212 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+DOCUMENTATION = r'''
+---
+module: bpf_program
+short_description: Compile a BPF C source with BCC, load its programs and pin them in bpffs
+version_added: 0.1.0
+description:
+  - Compiles a restricted-C source with BCC (the iovisor bindings, Debian package C(python3-bpfcc)),
+    loads the named programs into the kernel and pins each at O(pin_dir)/<name>.
+  - Maps are pinned by the source itself with C(BPF_TABLE_PINNED(..., BPF_PIN_DIR "/<name>")); the
+    module defines C(BPF_PIN_DIR) as O(pin_dir). A re-load reuses pinned maps, so sockets already in
+    a sockhash stay there across upgrades of the programs.
+  - Idempotent. A digest of the source, the C(*.h) files next to it, the defines, the program list,
+    the bcc version and the kernel headers is recorded in C(/run/ebpf-sockredir/) with the kernel ids
+    and tags of the programs it produced. When the digest matches and the kernel still reports those
+    programs at the pins, using the pinned maps, nothing is compiled and nothing changes.
+  - When the source or an option changed, or a pin was removed or replaced by hand, the new programs
+    are loaded, pinned beside the old ones and renamed over them. Programs already attached keep
+    running until M(ebpf.sockredir.bpf_attach) swaps them atomically, so traffic is never without a
+    program.
+  - On any failure, pins created by the failed run are removed again; pins that existed are kept.
+  - With O(state=absent), unpins the programs and maps and removes the record. Programs that are
+    still attached stay loaded (the kernel keeps them): detach them first with
+    M(ebpf.sockredir.bpf_attach).
+author:
+  - ebpf.sockredir developers
+requirements:
+  - Linux with BPF, cgroup-bpf and sockmap (C(CONFIG_BPF_SYSCALL), C(CONFIG_CGROUP_BPF), C(CONFIG_NET_SOCK_MSG)).
+  - bcc Python bindings (Debian/Ubuntu C(python3-bpfcc); the PyPI package named C(bcc) is unrelated).
+    If the interpreter running the module lacks them, the module re-runs itself under C(/usr/bin/python3).
+  - libbpf (C(libbpf1), a dependency of C(python3-bpfcc)).
+  - Kernel headers for BCC, see O(kernel_headers).
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+options:
+  state:
+    description: V(present) loads and pins; V(absent) unpins.
+    type: str
+    choices: [present, absent]
+    default: present
+  pin_dir:
+    description:
+      - Directory on a mounted bpffs that holds this set of pins. Created with mode 0700 if missing.
+    type: path
+    required: true
+  src:
+    description: Path of the BPF C source on the managed host. Required with O(state=present).
+    type: path
+  programs:
+    description:
+      - Functions of O(src) to load, each pinned at O(pin_dir)/<name>.
+      - Required with O(state=present). With O(state=absent) defaults to the recorded ones.
+    type: list
+    elements: dict
+    suboptions:
+      name:
+        description: Function name; also the kernel program name, so at most 15 characters.
+        type: str
+        required: true
+      type:
+        description: Program type.
+        type: str
+        required: true
+        choices: [sock_ops, sk_msg]
+  maps:
+    description:
+      - Names of the maps the source pins in O(pin_dir). Checked after compiling (each must be there)
+        and unpinned with O(state=absent).
+    type: list
+    elements: str
+    default: []
+  defines:
+    description:
+      - Preprocessor definitions, passed as C(-DNAME=VALUE). Give string values with their quotes.
+      - C(BPF_PIN_DIR) is always set to O(pin_dir) by the module.
+    type: dict
+    default: {}
+  include_dirs:
+    description:
+      - Include directories (C(-I)); their C(*.h) files are part of the digest.
+      - Defaults to the directory of O(src).
+    type: list
+    elements: path
+  kernel_headers:
+    description:
+      - Kernel headers BCC compiles against.
+      - V(auto) uses C(/lib/modules/$(uname -r\)/build) when it exists (a distribution kernel with
+        C(linux-headers-$(uname -r\)) installed). Otherwise it uses Debian's generic headers
+        (C(linux-headers-amd64) or another flavour) if installed, merged as symlinks into
+        O(headers_cache), which serve programs that only use UAPI structs, like this collection's.
+        Nothing is ever written under C(/lib/modules).
+      - Any other value is a header directory handed to BCC as C(BCC_KERNEL_SOURCE).
+      - The result reports which was used in RV(kernel_headers).
+    type: str
+    default: auto
+  headers_cache:
+    description: Where the merged generic headers are kept (only with O(kernel_headers=auto) and no
+      headers for the running kernel).
+    type: path
+    default: /var/cache/ebpf-sockredir/kernel-headers
+notes:
+  - Pins are created by root with mode 0600 (bpffs default); the pin directory is mode 0700.
+seealso:
+  - module: ebpf.sockredir.bpf_attach
+  - module: ebpf.sockredir.bpf_info
+'''
+
+EXAMPLES = r'''
+- name: Load the sockredir programs and pin them
+  ebpf.sockredir.bpf_program:
+    src: /usr/local/share/ebpf-sockredir/bpf/sockredir.bpf.c
+    pin_dir: /sys/fs/bpf/sockredir
+    programs:
+      - {name: sockredir_ops, type: sock_ops}
+      - {name: sockredir_msg, type: sk_msg}
+    maps: [sockredir_hash, sockredir_stats]
+    defines:
+      SOCKREDIR_MAP_SIZE: 65535
+  register: loaded
+
+- name: Unpin everything (detach first with bpf_attach state=absent)
+  ebpf.sockredir.bpf_program:
+    pin_dir: /sys/fs/bpf/sockredir
+    state: absent
+'''
+
+RETURN = r'''
+pin_dir:
+  description: The normalized pin directory.
+  returned: always
+  type: str
+programs:
+  description: Pinned programs as the kernel reports them.
+  returned: state=present
+  type: dict
+  sample: {"sockredir_ops": {"id": 41, "tag": "a04f5eef1a2e5c3b", "type": "sock_ops",
+           "pin": "/sys/fs/bpf/sockredir/sockredir_ops", "map_ids": [12, 13]}}
+maps:
+  description: Pinned maps as the kernel reports them.
+  returned: state=present
+  type: dict
+  sample: {"sockredir_hash": {"id": 12, "type": "sockhash", "max_entries": 65535,
+           "pin": "/sys/fs/bpf/sockredir/sockredir_hash"}}
+digest:
+  description: sha256 over everything that shapes the bytecode.
+  returned: state=present
+  type: str
+reasons:
+  description: Why a (re)load was needed; empty when nothing changed.
+  returned: state=present
+  type: list
+  elements: str
+  sample: ["source or options changed"]
+kernel_headers:
+  description: Which kernel headers BCC used (or would use, in check mode).
+  returned: state=present
+  type: dict
+  sample: {"kind": "generic", "path": "/var/cache/ebpf-sockredir/kernel-headers/linux-headers-6.1.0-56-amd64",
+           "env": {"BCC_KERNEL_SOURCE": "/var/cache/ebpf-sockredir/kernel-headers/linux-headers-6.1.0-56-amd64"},
+           "package_tree": "/usr/src/linux-headers-6.1.0-56-amd64"}
+compiler_warnings:
+  description: What the compiler printed on a successful compile.
+  returned: when not empty
+  type: list
+  elements: str
+'''
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils import bcc_import
+from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type='str', default='present', choices=['present', 'absent']),
+            pin_dir=dict(type='path', required=True),
+            src=dict(type='path'),
+            programs=dict(type='list', elements='dict', options=dict(
+                name=dict(type='str', required=True),
+                type=dict(type='str', required=True, choices=['sock_ops', 'sk_msg']))),
+            maps=dict(type='list', elements='str', default=[]),
+            defines=dict(type='dict', default={}),
+            include_dirs=dict(type='list', elements='path'),
+            kernel_headers=dict(type='str', default='auto'),
+            headers_cache=dict(type='path', default='/var/cache/ebpf-sockredir/kernel-headers'),
+        ),
+        required_if=[('state', 'present', ('src', 'programs'))],
+        supports_check_mode=True,
+    )
+    if module.params['state'] == 'present':
+        bcc_import.require_bcc(module)
+    from ansible_collections.ebpf.sockredir.plugins.module_utils import program
+    try:
+        result = program.execute(module.params, module.check_mode, module._diff)
+    except BpfError as e:
+        module.fail_json(**e.to_fail_json())
+    module.exit_json(**result)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need on a fresh Debian 12 host:
+# the packages the modules use on the managed host (python3-bpfcc, bpftool,
+# kernel headers), the traffic tools, and a controller venv in .venv.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(python3-bpfcc bpftool clang linux-headers-amd64 socat iperf3 sockperf
+          iproute2 python3-venv python3-pip util-linux procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "bootstrap: apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/ansible-playbook ] || ! cmp -s tests/requirements.txt .venv/.requirements; then
+  echo "bootstrap: creating .venv (system site packages, so bcc is visible)"
+  /usr/bin/python3 -m venv --system-site-packages .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
+  cp tests/requirements.txt .venv/.requirements
+fi
+
+# The collection as Ansible expects to find it: ansible_collections/ebpf/sockredir.
+mkdir -p .venv/collections/ansible_collections/ebpf
+ln -sfn "$PWD" .venv/collections/ansible_collections/ebpf/sockredir
