@@ -165,6 +165,9 @@ def _brief(info):
 
 def execute(params, check_mode, want_diff):
     """bpf_attach's whole job; returns the module result."""
+    if params['state'] == 'absent' and _target_gone(params):
+        # nothing can be attached to a cgroup or map that no longer exists
+        return dict(changed=False, target=params['cgroup'] or params['map'], actions=[], attached=[])
     att = Attachment(params['program'], cgroup=params['cgroup'], map_pin=params['map'])
     actions, before, after = att.plan(params['state'])
     result = dict(changed=bool(actions), target=att.target, attach_type=att.prog_type,
@@ -176,3 +179,9 @@ def execute(params, check_mode, want_diff):
     if want_diff:
         result['diff'] = dict(before=dict(attached=before), after=dict(attached=after))
     return result
+
+
+def _target_gone(params):
+    if params['cgroup'] is not None:
+        return not os.path.isdir(mounts.require_normalized(params['cgroup'], 'cgroup'))
+    return not os.path.lexists(mounts.require_bpffs(params['map'], 'map'))

@@ -159,7 +159,7 @@ class ProgramSet(object):
             fds = [(p['name'], compiled.load(p['name'], p['type'])) for p in self.programs]
             staged = []
             for name, fd in fds:
-                tmp = self.pin('.%s.new' % name)
+                tmp = self.pin('%s__staging' % name)
                 if os.path.lexists(tmp):
                     os.unlink(tmp)
                 libbpf.obj_pin(fd, tmp)
@@ -198,7 +198,7 @@ class ProgramSet(object):
         maps = list(self.maps) or list(record.get('maps', []))
         still = []
         for name in names:  # staging pins of a run that was killed mid-swap
-            stale = self.pin('.%s.new' % name)
+            stale = self.pin('%s__staging' % name)
             if os.path.lexists(stale):
                 os.unlink(stale)
         for name, kind in [(n, 'prog') for n in names] + [(m, 'map') for m in maps]:

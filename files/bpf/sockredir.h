@@ -1,0 +1,114 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * Shared definitions of the socket redirection programs: the sockhash key,
+ * the counter indices and the two pinned maps.
+ *
+ * The key is the contract between the two programs: sockredir_ops inserts a
+ * socket under its own key, sockredir_msg looks up the peer under the mirrored
+ * key. Both must build it the same way, so the layout and the byte order of
+ * every field are fixed here.
+ *
+ * Compiled by BCC. The loader passes:
+ *   BPF_PIN_DIR         string literal, bpffs directory the maps pin in
+ *   SOCKREDIR_MAP_SIZE  max entries of the sockhash (default 65535)
+ */
+#ifndef __SOCKREDIR_H
+#define __SOCKREDIR_H
+
+#include <linux/types.h>
+
+#ifndef BPF_PIN_DIR
+#error "BPF_PIN_DIR is not defined: pass -DBPF_PIN_DIR=\"/sys/fs/bpf/<dir>\" (a string literal naming a bpffs directory)"
+#endif
+
+#ifndef SOCKREDIR_MAP_SIZE
+#define SOCKREDIR_MAP_SIZE 65535
+#endif
+
+_Static_assert(SOCKREDIR_MAP_SIZE > 0, "SOCKREDIR_MAP_SIZE must be positive");
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+/*
+ * One TCP endpoint, seen from the socket that owns it.
+ *
+ * local_ip, remote_ip: 16 bytes in network byte order, as the kernel exposes
+ *   local_ip6/remote_ip6. IPv4 is stored IPv4-mapped (::ffff:a.b.c.d): an
+ *   AF_INET client and the AF_INET6 socket a "::" listener accepts for it
+ *   see the same addresses, and so produce mirrored keys.
+ * local_port, remote_port: host byte order. The context structs disagree
+ *   (see sockredir_local_port() and sockredir_remote_port()), so both are
+ *   normalised before they go into a key.
+ * netns_cookie: bpf_get_netns_cookie() of the socket. The same 4-tuple can
+ *   exist in several network namespaces at once (containers all talking to
+ *   127.0.0.1:8080); without the cookie their sockets would overwrite each
+ *   other in the map and data would be redirected across namespaces.
+ *
+ * No implicit padding: the whole struct is hashed, so a hole with stack
+ * garbage would make equal keys differ.
+ */
+struct sockredir_key {
+	__u32 local_ip[4];
+	__u32 remote_ip[4];
+	__u32 local_port;
+	__u32 remote_port;
+	__u64 netns_cookie;
+};
+
+_Static_assert(sizeof(struct sockredir_key) == 48,
+	       "struct sockredir_key must be 48 bytes without padding");
+_Static_assert(__builtin_offsetof(struct sockredir_key, netns_cookie) == 40,
+	       "struct sockredir_key: netns_cookie must follow the ports");
+
+/*
+ * Indices of sockredir_stats. A contract with user space
+ * (plugins/module_utils/sockredir_counters.py): append, never renumber.
+ */
+enum sockredir_stat {
+	SOCKREDIR_STAT_REDIRECTED_MSGS = 0,
+	SOCKREDIR_STAT_REDIRECTED_BYTES = 1,
+	SOCKREDIR_STAT_PASSED_MSGS = 2,
+	SOCKREDIR_STAT_PASSED_BYTES = 3,
+	SOCKREDIR_STAT_INSERTED = 4,
+	/* sock_hash_update() failed with -E2BIG: the sockhash is full */
+	SOCKREDIR_STAT_INSERT_FULL = 5,
+	/* sock_hash_update() failed with any other error */
+	SOCKREDIR_STAT_INSERT_FAILED = 6,
+	SOCKREDIR_STAT_MAX = 7,
+};
+
+/*
+ * BCC 0.26's BPF_TABLE_PINNED() declares the generic table struct, which has
+ * no sock_hash_update / msg_redirect_hash members, so a pinned sockhash
+ * declared with it cannot call them. This is BCC's BPF_SOCKHASH() struct
+ * with the "<type>:<pin path>" section BPF_TABLE_PINNED() would emit: BCC
+ * creates and pins the map when the path is missing and reuses it when
+ * present, so a reload keeps the sockets already in the map.
+ */
+#define SOCKREDIR_SOCKHASH_PINNED(_name, _key_type, _max_entries, _pinned)	\
+struct _name##_table_t {							\
+	_key_type key;								\
+	int leaf;								\
+	int (*update)(_key_type *, int *);					\
+	int (*delete)(_key_type *);						\
+	int (*sock_hash_update)(void *, void *, u64);				\
+	int (*msg_redirect_hash)(void *, void *, u64);				\
+	int (*sk_redirect_hash)(void *, void *, u64);				\
+	u32 max_entries;							\
+};										\
+__attribute__((section("maps/sockhash:" _pinned)))				\
+struct _name##_table_t _name = { .max_entries = (_max_entries) };		\
+BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
+
+SOCKREDIR_SOCKHASH_PINNED(sockredir_hash, struct sockredir_key,
+			  SOCKREDIR_MAP_SIZE, BPF_PIN_DIR "/sockredir_hash");
+
+BPF_TABLE_PINNED("percpu_array", u32, u64, sockredir_stats,
+		 SOCKREDIR_STAT_MAX, BPF_PIN_DIR "/sockredir_stats");
+
+#endif /* __SOCKREDIR_H */
