@@ -67,7 +67,7 @@ _Static_assert(__builtin_offsetof(struct sockredir_key, netns_cookie) == 40,
 
 /*
  * Indices of sockredir_stats. A contract with user space
- * (plugins/module_utils/sockredir_counters.py): append, never renumber.
+ * (COUNTERS in plugins/module_utils/facts.py): append, never renumber.
  */
 enum sockredir_stat {
 	SOCKREDIR_STAT_REDIRECTED_MSGS = 0,

@@ -104,7 +104,8 @@ class ProgramSet(object):
                 with open(path, 'rb') as f:
                     h.update(path.encode() + b'\0' + f.read() + b'\0')
             except OSError as e:
-                raise BpfError('src: cannot read %s: %s' % (path, e.strerror), param='src')
+                raise BpfError('src: cannot read %s: %s (expected a readable BPF C source and headers)'
+                               % (path, e.strerror), param='src')
         meta = dict(cflags=self.cflags(), programs=self.programs, bcc=loader.bcc_version(),
                     headers=[headers['kind'], headers['path']])
         h.update(json.dumps(meta, sort_keys=True).encode())
