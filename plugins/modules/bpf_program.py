@@ -26,7 +26,7 @@ description:
     program.
   - On any failure, pins created by the failed run are removed again; pins that existed are kept.
   - With O(state=absent), unpins the programs and maps and removes the record. Programs that are
-    still attached stay loaded (the kernel keeps them): detach them first with
+    still attached stay loaded (the kernel keeps them); detach them first with
     M(ebpf.sockredir.bpf_attach).
 author:
   - ebpf.sockredir developers

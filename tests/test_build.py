@@ -1,0 +1,47 @@
+"""The collection as users get it: built, installed into a fresh path, documented."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO, VENV_BIN
+
+MODULES = ['bpf_program', 'bpf_attach', 'bpf_info']
+
+
+@pytest.fixture(scope='module')
+def installed(tmp_path_factory):
+    build = tmp_path_factory.mktemp('build')
+    subprocess.run([os.path.join(VENV_BIN, 'ansible-galaxy'), 'collection', 'build', REPO,
+                    '--output-path', str(build)], check=True, capture_output=True)
+    tarballs = list(build.glob('ebpf-sockredir-*.tar.gz'))
+    assert len(tarballs) == 1
+    path = tmp_path_factory.mktemp('collections')
+    subprocess.run([os.path.join(VENV_BIN, 'ansible-galaxy'), 'collection', 'install', '--offline',
+                    '--no-deps', '-p', str(path), str(tarballs[0])], check=True, capture_output=True)
+    root = path / 'ansible_collections' / 'ebpf' / 'sockredir'
+    assert (root / 'files' / 'bpf' / 'sockredir.bpf.c').is_file()
+    assert not (root / '.venv').exists()
+    return path
+
+
+@pytest.mark.parametrize('module', MODULES)
+def test_ansible_doc_prints_complete_docs(installed, module):
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(installed))
+    out = subprocess.run([os.path.join(VENV_BIN, 'ansible-doc'), 'ebpf.sockredir.' + module],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    for section in ('OPTIONS', 'EXAMPLES', 'RETURN VALUES', 'ATTRIBUTES'):
+        assert section in out, '%s lacks %s' % (module, section)
+    assert 'ebpf.sockredir.%s' % module in out
+    assert 'WARNING' not in out
+
+
+def test_installed_collection_runs_a_module(installed):
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(installed))
+    out = subprocess.run([os.path.join(VENV_BIN, 'ansible'), 'localhost', '-c', 'local',
+                          '-e', 'ansible_python_interpreter=/usr/bin/python3',
+                          '-m', 'ebpf.sockredir.bpf_info'],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '"sockredir_ready": true' in out.stdout

@@ -1,0 +1,140 @@
+"""Pure logic: mount parsing, header selection, reload decisions, program identity."""
+
+import os
+
+import pytest
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils import attach, headers, mounts, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+HYBRID = """\
+22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw
+30 22 0:26 / /sys/fs/cgroup ro - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+32 30 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+40 22 0:35 / /sys/fs/bpf rw - bpf bpf rw,mode=700
+41 1 0:40 / /srv/with\\040space rw - ext4 /dev/vdb rw
+"""
+UNIFIED = "31 22 0:27 / /sys/fs/cgroup rw shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
+
+
+@pytest.fixture
+def mountinfo(tmp_path):
+    def make(text):
+        path = tmp_path / 'mountinfo'
+        path.write_text(text)
+        return str(path)
+    return make
+
+
+@pytest.mark.parametrize('text, expected', [(HYBRID, '/sys/fs/cgroup/unified'),
+                                            (UNIFIED, '/sys/fs/cgroup'), ('', None)])
+def test_cgroup2_mount_in_hybrid_and_unified_layouts(mountinfo, text, expected):
+    assert mounts.cgroup2_mount(mountinfo(text)) == expected
+
+
+def test_longest_mount_prefix_wins_and_escapes_are_decoded(mountinfo):
+    path = mountinfo(HYBRID)
+    assert mounts.fs_of('/sys/fs/cgroup/unified/x', path) == ('/sys/fs/cgroup/unified', 'cgroup2')
+    assert mounts.fs_of('/sys/fs/cgroup/memory', path) == ('/sys/fs/cgroup/memory', 'cgroup')
+    assert mounts.fs_of('/sys/fs/bpfx', path) == ('/sys', 'sysfs')
+    assert mounts.mount_points('ext4', path) == ['/srv/with space']
+
+
+@pytest.mark.parametrize('bad, words', [('relative/dir', 'absolute'), ('/sys/fs/bpf/../x', '".."')])
+def test_paths_must_be_absolute_and_without_dotdot(bad, words):
+    with pytest.raises(BpfError) as e:
+        mounts.require_normalized(bad, 'pin_dir')
+    assert 'pin_dir' in e.value.msg and words in e.value.msg
+
+
+def _tree(root, *parts):
+    path = os.path.join(str(root), *parts)
+    os.makedirs(path)
+    return path
+
+
+def test_running_kernel_headers_are_preferred(tmp_path):
+    _tree(tmp_path, 'modules', '6.1.0-9-amd64', 'build', 'include')
+    got = headers.resolve(modules_root=str(tmp_path / 'modules'), src_root=str(tmp_path / 'src'),
+                          release='6.1.0-9-amd64')
+    assert got['kind'] == 'running-kernel' and got['env'] == {}
+
+
+def test_generic_debian_headers_are_merged_newest_first(tmp_path):
+    src = tmp_path / 'src'
+    for ver in ('6.1.0-9', '6.1.0-56'):
+        _tree(src, 'linux-headers-%s-common' % ver, 'include', 'uapi')
+        open(os.path.join(str(src), 'linux-headers-%s-common' % ver, 'Makefile'), 'w').close()
+        _tree(src, 'linux-headers-%s-amd64' % ver, 'include', 'generated')
+    cache = tmp_path / 'cache'
+    got = headers.resolve(modules_root=str(tmp_path / 'none'), src_root=str(src), release='6.18.0-custom',
+                          cache_dir=str(cache))
+    assert got['kind'] == 'generic'
+    assert got['path'] == str(cache / 'linux-headers-6.1.0-56-amd64')
+    assert got['env'] == {'BCC_KERNEL_SOURCE': got['path']}
+    assert os.path.isdir(os.path.join(got['path'], 'include', 'generated'))
+    assert os.path.islink(os.path.join(got['path'], 'Makefile'))
+
+
+def test_no_headers_names_the_packages_to_install(tmp_path):
+    with pytest.raises(BpfError) as e:
+        headers.resolve(modules_root=str(tmp_path), src_root=str(tmp_path), release='6.2.0-x')
+    assert e.value.param == 'kernel_headers'
+    assert 'linux-headers-6.2.0-x' in e.value.msg and 'linux-headers-amd64' in e.value.msg
+
+
+class FakeSet(program.ProgramSet):
+    def __init__(self):  # no bpffs needed for the decision logic
+        self.pin_dir = '/sys/fs/bpf/x'
+        self.programs = [dict(name='p', type='sock_ops')]
+        self.maps = ['m']
+
+
+PROG = dict(id=5, tag='aa', type='sock_ops', map_ids=[9])
+MAP = dict(id=9)
+
+
+@pytest.mark.parametrize('now, record, digest, expected', [
+    (dict(programs={'p': PROG}, maps={'m': MAP}), dict(digest='d', programs={'p': dict(id=5, tag='aa')}),
+     'd', []),
+    (dict(programs={'p': PROG}, maps={'m': MAP}), None, 'd', ['no record']),
+    (dict(programs={'p': PROG}, maps={'m': MAP}), dict(digest='old', programs={'p': dict(id=5, tag='aa')}),
+     'd', ['source or options changed']),
+    (dict(programs={'p': None}, maps={'m': MAP}), dict(digest='d', programs={}), 'd', ['is missing']),
+    (dict(programs={'p': PROG}, maps={'m': MAP}), dict(digest='d', programs={'p': dict(id=6, tag='aa')}),
+     'd', ['not the one recorded']),
+    (dict(programs={'p': PROG}, maps={'m': dict(id=10)}), dict(digest='d', programs={'p': dict(id=5, tag='aa')}),
+     'd', ['does not use the pinned map']),
+    (dict(programs={'p': PROG}, maps={'m': None}), dict(digest='d', programs={'p': dict(id=5, tag='aa')}),
+     'd', ['map pin /sys/fs/bpf/x/m is missing']),
+])
+def test_reload_decision(now, record, digest, expected):
+    reasons = FakeSet().reload_reasons(now, record, digest)
+    assert len(reasons) == len(expected)
+    for reason, words in zip(reasons, expected):
+        assert words in reason
+
+
+class FakeAttachment(attach.Attachment):
+    def __init__(self, pinned):
+        self.pinned = pinned
+        self.program = '/sys/fs/bpf/x/sockredir_ops'
+        self.prog_type = 'sock_ops'
+
+
+@pytest.mark.parametrize('other, ours', [
+    (dict(id=1, name='sockredir_ops', type='sock_ops', map_ids=[9]), True),    # the pinned one
+    (dict(id=2, name='sockredir_ops', type='sock_ops', map_ids=[9, 3]), True),  # older version
+    (dict(id=3, name='sockredir_ops', type='sock_ops', map_ids=[4]), False),    # same name, other maps
+    (dict(id=4, name='cilium_sockops', type='sock_ops', map_ids=[9]), False),   # another tool
+])
+def test_older_versions_are_ours_other_tools_are_not(other, ours):
+    pinned = dict(id=1, name='sockredir_ops', type='sock_ops', map_ids=[9])
+    assert FakeAttachment(pinned)._is_ours(other) is ours
+
+
+def test_without_the_pin_ours_is_recognised_by_name():
+    att = FakeAttachment(None)
+    assert att._is_ours(dict(id=7, name='sockredir_ops', type='sock_ops', map_ids=[]))
+    assert not att._is_ours(dict(id=8, name='other', type='sock_ops', map_ids=[]))
