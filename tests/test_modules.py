@@ -160,3 +160,24 @@ def test_exclusive_foreign_program_is_reported_not_evicted(play, pin_dir, cgroup
         play(teardown_tasks(pin_dir, cgroup))
     finally:
         os.unlink(foreign_pin)
+
+
+def test_map_resize_is_refused_unless_recreate_maps(play, redirected):
+    pin_dir, cgroup = redirected
+    before = play(converge_tasks(pin_dir, cgroup)).tasks['load']['maps']['sockredir_hash']
+    tasks = converge_tasks(pin_dir, cgroup, defines={'SOCKREDIR_MAP_SIZE': 1024})
+    refused = play(tasks)
+    assert refused.rc != 0
+    msg = refused.tasks['load']['msg']
+    assert 'recreate_maps' in msg and '65535 entries' in msg and 'declares a sockhash of 1024' in msg
+    assert sorted(os.listdir(pin_dir)) == ['sockredir_hash', 'sockredir_msg', 'sockredir_ops', 'sockredir_stats']
+
+    tasks[0]['ebpf.sockredir.bpf_program']['recreate_maps'] = True
+    replaced = play(tasks)
+    assert replaced.rc == 0, replaced
+    assert replaced.tasks['load']['recreated_maps'] == ['sockredir_hash']
+    now = replaced.tasks['load']['maps']['sockredir_hash']
+    assert now['max_entries'] == 1024 and now['id'] != before['id']
+    assert replaced.tasks['attach msg']['attached'][0]['id'] == replaced.tasks['load']['programs']['sockredir_msg']['id']
+    assert sorted(os.listdir(pin_dir)) == ['sockredir_hash', 'sockredir_msg', 'sockredir_ops', 'sockredir_stats']
+    assert play(tasks).changed == 0

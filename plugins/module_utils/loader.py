@@ -28,6 +28,7 @@ except ImportError as e:
     BCC_IMPORT_ERROR = e
 
 PROG_TYPES = {'sock_ops': 13, 'sk_msg': 16}  # BPF.SOCK_OPS, BPF.SK_MSG
+NO_TABLE = 2 ** 64 - 1  # bpf_table_id() of an unknown name
 
 
 class _Captured(object):
@@ -111,6 +112,19 @@ class Compiled(object):
                            % (name, prog_type, err, _tail(out.text)), param='programs',
                            details={'verifier_output': out.text.splitlines()})
         return fn.fd
+
+    def declared_map(self, name):
+        """dict(type, max_entries) as the source declares map `name`, or None.
+
+        For a pinned map that bcc reused, this is the declaration, not the
+        pinned map's own shape: comparing the two tells a resize apart.
+        """
+        lib = libbcc.lib
+        table_id = lib.bpf_table_id(self.bpf.module, name.encode())
+        if table_id == NO_TABLE:
+            return None
+        return dict(type=lib.bpf_table_type_id(self.bpf.module, table_id),
+                    max_entries=lib.bpf_table_max_entries_id(self.bpf.module, table_id))
 
     def close(self):
         with captured_output():

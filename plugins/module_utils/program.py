@@ -38,7 +38,7 @@ def record_path(pin_dir, record_dir=RECORD_DIR):
 class ProgramSet(object):
     def __init__(self, pin_dir, programs=None, maps=None, src=None, defines=None,
                  include_dirs=None, kernel_headers='auto', headers_cache=kheaders.DEFAULT_CACHE,
-                 record_dir=RECORD_DIR):
+                 recreate_maps=False, record_dir=RECORD_DIR):
         self.pin_dir = mounts.require_bpffs(pin_dir, 'pin_dir')
         self.programs = programs or []
         self.maps = maps or []
@@ -47,6 +47,8 @@ class ProgramSet(object):
         self.include_dirs = include_dirs
         self.kernel_headers = kernel_headers
         self.headers_cache = headers_cache
+        self.recreate_maps = recreate_maps
+        self.recreated = []
         self.record_file = record_path(self.pin_dir, record_dir)
         self._validate_names()
 
@@ -146,6 +148,7 @@ class ProgramSet(object):
         created_dir = not os.path.isdir(self.pin_dir)
         maps_before = set(m for m in self.maps if os.path.lexists(self.pin(m)))
         made = []
+        set_aside = []
         compiled = None
         try:
             if created_dir:
@@ -157,6 +160,20 @@ class ProgramSet(object):
                 raise BpfError('maps: the source did not pin %s in %s; declare each with '
                                'BPF_TABLE_PINNED(..., BPF_PIN_DIR "/<name>")'
                                % (', '.join(missing), self.pin_dir), param='maps')
+            reshaped = self._reshaped_maps(compiled)
+            if reshaped:
+                if not self.recreate_maps:
+                    raise BpfError('maps: %s; a pinned map cannot be changed in place. Set '
+                                   'recreate_maps=true to replace it: its sockets fall back to plain '
+                                   'TCP once the new programs are attached' % '; '.join(reshaped.values()),
+                                   param='maps')
+                compiled.close()
+                compiled = None
+                for m in reshaped:  # set aside, restored if anything below fails
+                    os.rename(self.pin(m), self.pin(m + '__replaced'))
+                    set_aside.append(m)
+                compiled = loader.Compiled(self.src, self.cflags(), headers['env'])
+                made += [self.pin(m) for m in reshaped]
             fds = [(p['name'], compiled.load(p['name'], p['type'])) for p in self.programs]
             staged = []
             for name, fd in fds:
@@ -168,17 +185,37 @@ class ProgramSet(object):
                 staged.append((tmp, self.pin(name)))
             for tmp, final in staged:
                 os.replace(tmp, final)  # bpffs renames atomically over the old pin
+            for m in set_aside:
+                os.unlink(self.pin(m + '__replaced'))
+            self.recreated = list(set_aside)
             return compiled.warnings
         except BaseException:
             for path in made:
                 if os.path.lexists(path):
                     os.unlink(path)
+            for m in set_aside:
+                os.rename(self.pin(m + '__replaced'), self.pin(m))
             if created_dir and os.path.isdir(self.pin_dir) and not os.listdir(self.pin_dir):
                 os.rmdir(self.pin_dir)
             raise
         finally:
             if compiled is not None:
                 compiled.close()
+
+    def _reshaped_maps(self, compiled):
+        """{name: why} for pinned maps whose type or size differ from the source's declaration."""
+        out = {}
+        for m in self.maps:
+            declared = compiled.declared_map(m)
+            pinned = pins.describe(self.pin(m))
+            if declared is None or pinned is None:
+                continue
+            want_type = libbpf.MAP_TYPE_NAMES.get(declared['type'], str(declared['type']))
+            if (want_type, declared['max_entries']) != (pinned['type'], pinned['max_entries']):
+                out[m] = ('the pinned map %s is a %s of %d entries, the source declares a %s of %d'
+                          % (self.pin(m), pinned['type'], pinned['max_entries'], want_type,
+                             declared['max_entries']))
+        return out
 
     def write_record(self, digest, headers):
         now = self.current()
@@ -198,10 +235,9 @@ class ProgramSet(object):
         names = [p['name'] for p in self.programs] or list(record.get('programs', {}))
         maps = list(self.maps) or list(record.get('maps', []))
         still = []
-        for name in names:  # staging pins of a run that was killed mid-swap
-            stale = self.pin('%s__staging' % name)
-            if os.path.lexists(stale):
-                os.unlink(stale)
+        for stale in ['%s__staging' % n for n in names] + ['%s__replaced' % m for m in maps]:
+            if os.path.lexists(self.pin(stale)):  # left by a run that was killed mid-swap
+                os.unlink(self.pin(stale))
         for name, kind in [(n, 'prog') for n in names] + [(m, 'map') for m in maps]:
             path = self.pin(name)
             found = pins.require_kind(path, kind, 'programs' if kind == 'prog' else 'maps')
@@ -233,7 +269,7 @@ def execute(params, check_mode, want_diff):
     ps = ProgramSet(params['pin_dir'], programs=params['programs'], maps=params['maps'],
                     src=params['src'], defines=params['defines'],
                     include_dirs=params['include_dirs'], kernel_headers=params['kernel_headers'],
-                    headers_cache=params['headers_cache'])
+                    headers_cache=params['headers_cache'], recreate_maps=params['recreate_maps'])
     result = dict(changed=False, pin_dir=ps.pin_dir)
     if params['state'] == 'absent':
         gone = ps.removable()
@@ -261,6 +297,8 @@ def execute(params, check_mode, want_diff):
             warnings = ps.load_and_pin(headers)
             if warnings.strip():
                 result['compiler_warnings'] = warnings.splitlines()
+            if ps.recreated:
+                result['recreated_maps'] = ps.recreated
             after = ps.write_record(digest, headers)
         else:
             after = None

@@ -107,6 +107,17 @@ options:
       headers for the running kernel).
     type: path
     default: /var/cache/ebpf-sockredir/kernel-headers
+  recreate_maps:
+    description:
+      - What to do when a map pinned by an earlier load no longer matches the source's declaration
+        (another type or size, for example a changed C(SOCKREDIR_MAP_SIZE)). A pinned map cannot be
+        changed in place.
+      - V(false) fails with a message naming the map and both shapes, and changes nothing.
+      - V(true) replaces the map by a new one. The programs attached so far keep the old map until
+        M(ebpf.sockredir.bpf_attach) swaps them; then the sockets in the old map go back to plain
+        TCP, and new connections land in the new map. RV(recreated_maps) lists the maps replaced.
+    type: bool
+    default: false
 notes:
   - Pins are created by root with mode 0600 (bpffs default); the pin directory is mode 0700.
 seealso:
@@ -167,6 +178,11 @@ kernel_headers:
   sample: {"kind": "generic", "path": "/var/cache/ebpf-sockredir/kernel-headers/linux-headers-6.1.0-56-amd64",
            "env": {"BCC_KERNEL_SOURCE": "/var/cache/ebpf-sockredir/kernel-headers/linux-headers-6.1.0-56-amd64"},
            "package_tree": "/usr/src/linux-headers-6.1.0-56-amd64"}
+recreated_maps:
+  description: Maps replaced because their pinned shape no longer matched the source (O(recreate_maps)).
+  returned: when a map was replaced
+  type: list
+  elements: str
 compiler_warnings:
   description: What the compiler printed on a successful compile.
   returned: when not empty
@@ -194,6 +210,7 @@ def main():
             include_dirs=dict(type='list', elements='path'),
             kernel_headers=dict(type='str', default='auto'),
             headers_cache=dict(type='path', default='/var/cache/ebpf-sockredir/kernel-headers'),
+            recreate_maps=dict(type='bool', default=False),
         ),
         required_if=[('state', 'present', ('src', 'programs'))],
         supports_check_mode=True,
