@@ -1,5 +1,6 @@
 """The collection as users get it: built, installed into a fresh path, documented."""
 
+import json
 import os
 import subprocess
 
@@ -45,3 +46,20 @@ def test_installed_collection_runs_a_module(installed):
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert '"sockredir_ready": true' in out.stdout
+
+
+def test_module_respawns_under_the_python_that_has_bcc(tmp_path, pin_dir):
+    """Started by an interpreter without bcc, bpf_program re-runs itself under /usr/bin/python3."""
+    bare = tmp_path / 'bare'
+    subprocess.run(['/usr/bin/python3', '-m', 'venv', '--without-pip', str(bare)], check=True)
+    python = str(bare / 'bin' / 'python')
+    assert subprocess.run([python, '-c', 'import bcc'], capture_output=True).returncode != 0
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=os.path.join(REPO, '.venv', 'collections'))
+    args = json.dumps(dict(src=os.path.join(REPO, 'files/bpf/sockredir.bpf.c'), pin_dir=pin_dir,
+                           programs=[dict(name='sockredir_ops', type='sock_ops')]))
+    out = subprocess.run([os.path.join(VENV_BIN, 'ansible'), 'localhost', '-c', 'local', '--check',
+                          '-e', 'ansible_python_interpreter=' + python,
+                          '-m', 'ebpf.sockredir.bpf_program', '-a', args],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '"changed": true' in out.stdout and 'no record of a load' in out.stdout
