@@ -85,11 +85,18 @@ class Attachment(object):
                 continue  # detached and freed while we looked
         return out
 
+    def _recorded_id(self):
+        """The id bpf_program recorded for this pin, if any (used only when the pin is gone)."""
+        from ansible_collections.ebpf.sockredir.plugins.module_utils import program
+        record = program.ProgramSet.record_at(os.path.dirname(self.program))
+        entry = (record or {}).get('programs', {}).get(os.path.basename(self.program))
+        return entry and entry['id']
+
     def _is_ours(self, info):
         if self.pinned is None:
-            # pin gone (removed by hand): fall back to the name the pin carried
-            return info['type'] == self.prog_type and \
-                info['name'] == os.path.basename(self.program)[:15]
+            # pin gone (removed by hand): only the id bpf_program recorded for it
+            # is known to be ours; a name match could be another instance's program
+            return info['type'] == self.prog_type and info['id'] == self._recorded_id()
         if info['id'] == self.pinned['id']:
             return True
         if info['name'] != self.pinned['name'] or info['type'] != self.pinned['type']:

@@ -74,8 +74,12 @@ class ProgramSet(object):
         return os.path.join(self.pin_dir, name)
 
     def read_record(self):
+        return self.record_at(self.pin_dir)
+
+    @staticmethod
+    def record_at(pin_dir, record_dir=RECORD_DIR):
         try:
-            with open(self.record_file) as f:
+            with open(record_path(pin_dir, record_dir)) as f:
                 return json.load(f)
         except (OSError, ValueError):
             return None
@@ -252,6 +256,10 @@ class ProgramSet(object):
                     pass
         if os.path.exists(self.record_file):
             os.unlink(self.record_file)
+            try:
+                os.rmdir(os.path.dirname(self.record_file))
+            except OSError:
+                pass  # records of other pin directories remain
         if os.path.isdir(self.pin_dir) and not os.listdir(self.pin_dir):
             os.rmdir(self.pin_dir)
         return still

@@ -26,7 +26,9 @@ description:
   - If another tool attached a C(sock_ops) program to the cgroup without C(BPF_F_ALLOW_MULTI), the
     kernel refuses a second one; the module fails with a message saying so and evicts nothing.
   - With O(state=absent), detaches the pinned program and any older version of it. If the pin is
-    gone, programs of the attach type whose kernel name is the pin's file name are detached.
+    gone, only the program id that M(ebpf.sockredir.bpf_program) recorded for that pin (in
+    C(/run/ebpf-sockredir/)) is detached; a program is never detached on a name match alone, since it
+    could belong to another instance. A missing cgroup or map means nothing is attached there.
 author:
   - ebpf.sockredir developers
 requirements:

@@ -134,7 +134,9 @@ def test_older_versions_are_ours_other_tools_are_not(other, ours):
     assert FakeAttachment(pinned)._is_ours(other) is ours
 
 
-def test_without_the_pin_ours_is_recognised_by_name():
+def test_without_the_pin_only_the_recorded_id_is_ours(monkeypatch):
     att = FakeAttachment(None)
+    monkeypatch.setattr(att, '_recorded_id', lambda: 7)
     assert att._is_ours(dict(id=7, name='sockredir_ops', type='sock_ops', map_ids=[]))
-    assert not att._is_ours(dict(id=8, name='other', type='sock_ops', map_ids=[]))
+    # same name, but another instance's program: never detached on a guess
+    assert not att._is_ours(dict(id=8, name='sockredir_ops', type='sock_ops', map_ids=[]))
