@@ -19,8 +19,10 @@ def installed(tmp_path_factory):
     tarballs = list(build.glob('ebpf-sockredir-*.tar.gz'))
     assert len(tarballs) == 1
     path = tmp_path_factory.mktemp('collections')
+    # --force: the checkout itself is on ANSIBLE_COLLECTIONS_PATH, and would count as installed
     subprocess.run([os.path.join(VENV_BIN, 'ansible-galaxy'), 'collection', 'install', '--offline',
-                    '--no-deps', '-p', str(path), str(tarballs[0])], check=True, capture_output=True)
+                    '--no-deps', '--force', '-p', str(path), str(tarballs[0])], check=True,
+                   capture_output=True, env=dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(path)))
     root = path / 'ansible_collections' / 'ebpf' / 'sockredir'
     assert (root / 'files' / 'bpf' / 'sockredir.bpf.c').is_file()
     assert not (root / '.venv').exists()
