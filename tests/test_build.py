@@ -65,3 +65,9 @@ def test_module_respawns_under_the_python_that_has_bcc(tmp_path, pin_dir):
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert '"changed": true' in out.stdout and 'no record of a load' in out.stdout
+
+
+def test_changelog_is_valid():
+    out = subprocess.run([os.path.join(VENV_BIN, 'antsibull-changelog'), 'lint'], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == '', out.stdout + out.stderr
