@@ -34,10 +34,12 @@ class Attachment(object):
         if (cgroup is None) == (map_pin is None):
             raise BpfError('exactly one of cgroup and map must be given', param='cgroup')
         self.program = mounts.require_bpffs(program, 'program')
+        mounts.require_private_dir(os.path.dirname(self.program), 'program')
         if cgroup is not None:
             self.target_kind, self.target = 'cgroup', mounts.require_cgroup2_dir(cgroup, 'cgroup')
         else:
             self.target_kind, self.target = 'map', mounts.require_bpffs(map_pin, 'map')
+            mounts.require_private_dir(os.path.dirname(self.target), 'map')
             found = pins.require_kind(self.target, 'map', 'map')
             if found is None:
                 raise BpfError('map: nothing is pinned at %s; load the programs first '

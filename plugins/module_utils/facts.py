@@ -7,7 +7,7 @@ __metaclass__ = type
 
 import os
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import libbpf, mounts, pins
+from ansible_collections.ebpf.sockredir.plugins.module_utils import advisories, libbpf, mounts, pins
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
 # Index -> name of the counters in the sockredir_stats per-CPU array. This list
@@ -35,10 +35,26 @@ def features():
     except BpfError:
         out.update(bpf_syscall=False, sock_ops=False, sk_msg=False, sockhash=False,
                    netns_cookie_in_sk_msg=False)
+    out['advisories'] = kernel_advisories(out['kernel'])
     out['sockredir_ready'] = all(out[k] for k in ('btf', 'sock_ops', 'sk_msg', 'sockhash',
                                                   'netns_cookie_in_sk_msg')) \
         and bool(out['cgroup2_mount'])
     return out
+
+
+def kernel_advisories(release):
+    """Known sockmap bugs that may apply to this kernel (see advisories.py)."""
+    version_text = ''
+    for path in ('/proc/version', '/proc/version_signature'):  # Debian / Ubuntu name the upstream level
+        try:
+            with open(path) as f:
+                version_text += f.read()
+        except OSError:
+            pass
+    try:
+        return advisories.advisories_for(release, version_text)
+    except ValueError as e:
+        return [dict(status='unknown', message=str(e))]
 
 
 def map_details(path, info):

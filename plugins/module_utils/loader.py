@@ -13,6 +13,7 @@ __metaclass__ = type
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 
@@ -89,6 +90,13 @@ class Compiled(object):
                 else:
                     os.environ[k] = v
         self.warnings = out.text
+        refused = re.search(r'could not open bpf map: (\w+), error: (.*)', out.text)
+        if err is not None and refused:
+            raise BpfError('maps: the kernel refused to create map %s (%s). Check the size the source '
+                           'declares (for this collection SOCKREDIR_MAP_SIZE, at most 134217728 for a '
+                           'sockhash) and the memory available for BPF maps.'
+                           % (refused.group(1), refused.group(2).strip()), param='maps',
+                           details={'compiler_output': out.text.splitlines()})
         if err is not None:
             raise BpfError('src: %s does not compile (%s). Compiler output:\n%s'
                            % (src_path, err, _tail(out.text)), param='src',

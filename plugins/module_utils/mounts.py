@@ -6,8 +6,11 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import os
+import stat
 
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+NAME_MAX = 255
 
 
 def _unescape(field):
@@ -52,7 +55,36 @@ def require_normalized(path, param):
         raise BpfError('%s must be an absolute path, got %r' % (param, path), param=param)
     if '..' in path.split('/'):
         raise BpfError('%s must not contain "..", got %r' % (param, path), param=param)
+    long_parts = [p for p in path.split('/') if len(p.encode()) > NAME_MAX]
+    if long_parts:
+        raise BpfError('%s: each path component must be at most %d bytes; %r is %d'
+                       % (param, NAME_MAX, long_parts[0][:40] + '...', len(long_parts[0].encode())),
+                       param=param)
     return os.path.normpath(path)
+
+
+def require_private_dir(path, param):
+    """An existing path must be a real directory of ours that no one else can write.
+
+    bpffs is often mounted mode 1777: any user may create a directory there
+    before us and then swap our pins for links or objects of their own.
+    """
+    if not os.path.lexists(path):
+        return
+    st = os.lstat(path)
+    problem = None
+    if stat.S_ISLNK(st.st_mode):
+        problem = 'is a symbolic link'
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = 'is not a directory'
+    elif st.st_uid != os.geteuid():
+        problem = 'is owned by uid %d, not by us (uid %d)' % (st.st_uid, os.geteuid())
+    elif st.st_mode & 0o022:
+        problem = 'is writable by group or others (mode %o)' % stat.S_IMODE(st.st_mode)
+    if problem:
+        raise BpfError('%s: %s %s, so another user could replace its pins; refusing to use it. '
+                       'Remove it, or give it to root with mode 0700.' % (param, path, problem),
+                       param=param)
 
 
 def require_bpffs(path, param):

@@ -15,6 +15,8 @@ def describe(path):
     """None if nothing is pinned at path, else dict(kind, info...) from the kernel."""
     if not os.path.lexists(path):
         return None
+    if os.path.islink(path):
+        return dict(kind='symlink')  # never followed: it could point at anyone's object
     try:
         fd = libbpf.obj_get(path)
     except BpfError as e:
@@ -34,7 +36,8 @@ def require_kind(path, kind, param):
     if found is not None and found['kind'] != kind:
         raise BpfError('%s: %s holds a %s, expected a %s (or nothing). Remove it by hand if it '
                        'is not needed; it is left untouched.'
-                       % (param, path, found['kind'], {'prog': 'program', 'map': 'map'}[kind]),
+                       % (param, path, 'symbolic link' if found['kind'] == 'symlink' else found['kind'],
+                          {'prog': 'program', 'map': 'map'}[kind]),
                        param=param)
     return found
 

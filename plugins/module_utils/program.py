@@ -40,6 +40,10 @@ class ProgramSet(object):
                  include_dirs=None, kernel_headers='auto', headers_cache=kheaders.DEFAULT_CACHE,
                  recreate_maps=False, record_dir=RECORD_DIR):
         self.pin_dir = mounts.require_bpffs(pin_dir, 'pin_dir')
+        if self.pin_dir in mounts.mount_points('bpf'):
+            raise BpfError('pin_dir must be a directory below the bpffs mount, not the mount itself '
+                           '(%s); e.g. %s/sockredir' % (self.pin_dir, self.pin_dir), param='pin_dir')
+        mounts.require_private_dir(self.pin_dir, 'pin_dir')
         self.programs = programs or []
         self.maps = maps or []
         self.src = src
@@ -158,7 +162,6 @@ class ProgramSet(object):
             if created_dir:
                 os.makedirs(self.pin_dir, mode=0o700)
             compiled = loader.Compiled(self.src, self.cflags(), headers['env'])
-            made += [self.pin(m) for m in self.maps if m not in maps_before]
             missing = [m for m in self.maps if not os.path.lexists(self.pin(m))]
             if missing:
                 raise BpfError('maps: the source did not pin %s in %s; declare each with '
@@ -177,7 +180,6 @@ class ProgramSet(object):
                     os.rename(self.pin(m), self.pin(m + '__replaced'))
                     set_aside.append(m)
                 compiled = loader.Compiled(self.src, self.cflags(), headers['env'])
-                made += [self.pin(m) for m in reshaped]
             fds = [(p['name'], compiled.load(p['name'], p['type'])) for p in self.programs]
             staged = []
             for name, fd in fds:
@@ -194,6 +196,8 @@ class ProgramSet(object):
             self.recreated = list(set_aside)
             return compiled.warnings
         except BaseException:
+            # includes maps a failed compile pinned before it gave up
+            made += [self.pin(m) for m in self.maps if m not in maps_before or m in set_aside]
             for path in made:
                 if os.path.lexists(path):
                     os.unlink(path)
@@ -292,6 +296,8 @@ def execute(params, check_mode, want_diff):
                                       'state=absent' % (s['name'], s['id']) for s in still]
         return result
 
+    if not ps.programs:
+        raise BpfError('programs must list at least one program with state=present', param='programs')
     now = ps.current()
     plan_headers = kheaders.resolve(ps.kernel_headers, ps.headers_cache, check_mode=True)
     digest = ps.digest(plan_headers)

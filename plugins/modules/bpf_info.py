@@ -16,14 +16,18 @@ description:
     counts, the C(msg_verdict) program of each sockmap, the counters of this collection's programs,
     and the C(sock_ops) programs attached to a cgroup.
 author:
-  - ebpf.sockredir developers
+  - ebpf.sockredir developers (@ebpf-sockredir)
 requirements:
   - libbpf (C(libbpf1)).
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
+  platform:
+    platforms: linux
 options:
   pin_dir:
     description: A directory on bpffs whose pins to report. Optional.
@@ -55,7 +59,21 @@ features:
   type: dict
   sample: {"kernel": "6.1.0-26-amd64", "btf": true, "bpf_syscall": true, "sock_ops": true,
            "sk_msg": true, "sockhash": true, "netns_cookie_in_sk_msg": true,
-           "cgroup2_mount": "/sys/fs/cgroup", "bpffs_mounts": ["/sys/fs/bpf"], "sockredir_ready": true}
+           "cgroup2_mount": "/sys/fs/cgroup", "bpffs_mounts": ["/sys/fs/bpf"], "sockredir_ready": true,
+           "advisories": [{"cve": "CVE-2024-41048", "status": "may_be_affected", "path": "sockredir",
+                           "fixed_in": "6.1.101", "message": "6.1.0-21-amd64 may be affected by ...",
+                           "source": "https://www.cve.org/CVERecord?id=CVE-2024-41048"}]}
+  contains:
+    advisories:
+      description:
+        - Known sockmap kernel bugs (data loss, crashes) that may apply to the running kernel, from the
+          table in C(plugins/module_utils/advisories.py) with the CVE record of each.
+        - C(status) is C(affected) for an upstream version below the fix, C(may_be_affected) for a
+          distribution or vendor kernel (which can carry a backported fix without a new version) or
+          when the fixed stable release is not known. C(path) is C(sockredir) when the bug is on the
+          code path this collection's programs use.
+      type: list
+      elements: dict
 exists:
   description: Whether O(pin_dir) exists.
   returned: when pin_dir is given

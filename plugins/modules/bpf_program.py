@@ -29,18 +29,22 @@ description:
     still attached stay loaded (the kernel keeps them); detach them first with
     M(ebpf.sockredir.bpf_attach).
 author:
-  - ebpf.sockredir developers
+  - ebpf.sockredir developers (@ebpf-sockredir)
 requirements:
   - Linux with BPF, cgroup-bpf and sockmap (C(CONFIG_BPF_SYSCALL), C(CONFIG_CGROUP_BPF), C(CONFIG_NET_SOCK_MSG)).
   - bcc Python bindings (Debian/Ubuntu C(python3-bpfcc); the PyPI package named C(bcc) is unrelated).
     If the interpreter running the module lacks them, the module re-runs itself under C(/usr/bin/python3).
   - libbpf (C(libbpf1), a dependency of C(python3-bpfcc)).
   - Kernel headers for BCC, see O(kernel_headers).
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: full
+  platform:
+    platforms: linux
 options:
   state:
     description: V(present) loads and pins; V(absent) unpins.
@@ -222,6 +226,8 @@ def main():
         result = program.execute(module.params, module.check_mode, module._diff)
     except BpfError as e:
         module.fail_json(**e.to_fail_json())
+    for warning in result.pop('warnings', []):
+        module.warn(warning)
     module.exit_json(**result)
 
 

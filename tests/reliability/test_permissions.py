@@ -107,10 +107,6 @@ def test_nothing_the_role_made_is_world_writable(converged):
     assert sources_writable == []
 
 
-@pytest.mark.xfail(strict=True, reason='bpf_program uses an existing pin_dir whoever owns it: on a bpffs '
-                   'whose root is 1777 (the kernel default when mounted without mode=) an unprivileged '
-                   'user can create the pin root first, then delete the root-owned pins in it and plant '
-                   'symlinks that the next run follows')
 def test_a_pin_root_made_by_an_unprivileged_user_is_refused(tmp_path):
     pin_root = os.path.join(conftest.BPFFS, hostenv.unique_name(kit.PREFIX + '-squat'))
     with hostenv.child_cgroup(kit.PREFIX) as cg:
