@@ -291,9 +291,11 @@ def execute(params, check_mode, want_diff):
         if gone and not check_mode:
             still = ps.remove()
             if still:
-                result['warnings'] = ['program %s (id %d) is unpinned but still loaded: it is still '
-                                      'attached somewhere; detach it with ebpf.sockredir.bpf_attach '
-                                      'state=absent' % (s['name'], s['id']) for s in still]
+                result['warnings'] = ['program %s (id %d) is unpinned but still loaded: either it is '
+                                      'still attached (detach it with ebpf.sockredir.bpf_attach '
+                                      'state=absent), or connections established while it ran still '
+                                      'hold it; those keep being redirected until they close'
+                                      % (s['name'], s['id']) for s in still]
         return result
 
     if not ps.programs:
