@@ -6,12 +6,11 @@ a handful (the handshake and the close) when the payload is redirected.
 """
 
 import concurrent.futures
-import os
 import subprocess
 
 import pytest
 
-from conftest import converge_tasks, teardown_tasks
+from conftest import converge_tasks
 from support import hostenv
 
 from ansible_collections.ebpf.sockredir.plugins.module_utils import facts

@@ -71,21 +71,13 @@ class Attachment(object):
         """[prog info] attached directly to the target for our attach type."""
         with libbpf.Fd(self._open_target()) as tfd:
             try:
-                _flags, ids = libbpf.prog_query(tfd, self.attach_type)
+                return libbpf.attached_programs(tfd, self.attach_type)[1]
             except BpfError as e:
                 if self.target_kind == 'map' and libbpf.errno_of(e) == 'EINVAL':
                     raise BpfError('map: this kernel cannot report which program is attached to a '
                                    'sockmap (BPF_PROG_QUERY on maps needs Linux 5.19 or later)',
                                    param='map')
                 raise
-        out = []
-        for prog_id in ids:
-            try:
-                with libbpf.Fd(libbpf.prog_fd_by_id(prog_id)) as fd:
-                    out.append(libbpf.prog_info(fd))
-            except BpfError:
-                continue  # detached and freed while we looked
-        return out
 
     def _recorded_id(self):
         """The id bpf_program recorded for this pin, if any (used only when the pin is gone)."""

@@ -96,16 +96,8 @@ def pin_dir_facts(pin_dir):
 def cgroup_attachments(cgroup):
     """sock_ops programs attached directly to a cgroup v2 directory."""
     cgroup = mounts.require_cgroup2_dir(cgroup, 'cgroup')
-    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    with libbpf.Fd(fd):
-        flags, ids = libbpf.prog_query(fd, libbpf.ATTACH_CGROUP_SOCK_OPS)
-    out = []
-    for prog_id in ids:
-        try:
-            with libbpf.Fd(libbpf.prog_fd_by_id(prog_id)) as pfd:
-                out.append(libbpf.prog_info(pfd))
-        except BpfError:
-            continue
+    with libbpf.Fd(os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)) as fd:
+        flags, out = libbpf.attached_programs(fd, libbpf.ATTACH_CGROUP_SOCK_OPS)
     return dict(cgroup=cgroup, sock_ops=out,
                 allow_multi=bool(flags & libbpf.F_ALLOW_MULTI) if out else None)
 
@@ -113,13 +105,10 @@ def cgroup_attachments(cgroup):
 def map_attachment(map_fd):
     """The msg_verdict program attached to a sockmap/sockhash fd, or None."""
     try:
-        _flags, ids = libbpf.prog_query(map_fd, libbpf.ATTACH_SK_MSG_VERDICT)
+        progs = libbpf.attached_programs(map_fd, libbpf.ATTACH_SK_MSG_VERDICT)[1]
     except BpfError:
         return None  # kernels before 5.19 cannot query a map
-    for prog_id in ids:
-        with libbpf.Fd(libbpf.prog_fd_by_id(prog_id)) as pfd:
-            return libbpf.prog_info(pfd)
-    return None
+    return progs[0] if progs else None
 
 
 def execute(params):

@@ -168,6 +168,19 @@ def prog_query(target_fd, attach_type):
         return flags.value, list(ids[:cnt.value])
 
 
+def attached_programs(target_fd, attach_type):
+    """(attach_flags, [prog_info]) of the programs attached directly to target."""
+    flags, ids = prog_query(target_fd, attach_type)
+    infos = []
+    for prog_id in ids:
+        try:
+            with Fd(prog_fd_by_id(prog_id)) as fd:
+                infos.append(prog_info(fd))
+        except BpfError:
+            continue  # detached and freed while we looked
+    return flags, infos
+
+
 def prog_attach(prog_fd, target_fd, attach_type, flags, replace_fd=None):
     opts = _AttachOpts(sz=ctypes.sizeof(_AttachOpts), flags=flags, replace_prog_fd=0)
     if replace_fd is not None:
