@@ -29,7 +29,7 @@ description:
     still attached stay loaded (the kernel keeps them); detach them first with
     M(ebpf.sockredir.bpf_attach).
   - Connections established while the programs ran stay in the sockhash and keep being redirected
-    until they close, even after detach and unpin: the kernel keeps the map and the C(sk_msg) program
+    until they close, even after detach and unpin; the kernel keeps the map and the C(sk_msg) program
     alive for them. New connections take the normal TCP path.
 author:
   - ebpf.sockredir developers (@ebpf-sockredir)

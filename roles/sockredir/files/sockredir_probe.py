@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Read-only preflight probe of the sockredir role; prints one JSON object.
 
