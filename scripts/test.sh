@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, on this host's real kernel (run as root): installs what
-# it needs, runs the molecule scenario, then pytest (unit, module lifecycle,
-# traffic, bad input, build, role lint, benchmark quick mode).
+# it needs, runs the molecule scenarios (this host; a Debian 12 guest with
+# kernel 6.1 under qemu, whose image is built on first use; the same guest
+# without sockmap), then pytest (unit, module lifecycle, traffic, bad input,
+# build, role, boot unit, quality gates, reliability, benchmark quick mode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export ANSIBLE_COLLECTIONS_PATH="$PWD/.venv/collections"
 export PATH="$PWD/.venv/bin:$PATH"
 molecule test -s default
+molecule test -s vm
+molecule test -s vm-nosockmap
 pytest -q -p no:cacheprovider tests

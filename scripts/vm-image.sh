@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Builds, or finds in the cache, the Debian 12 guest image of the molecule VM
+# scenarios (molecule/vm, molecule/vm-nosockmap). Run as root.
+#
+#   bash scripts/vm-image.sh            build if needed; print the image directory
+#   bash scripts/vm-image.sh --path     only print where the image is (or would be)
+#   bash scripts/vm-image.sh --rebuild  build again even if cached
+#
+# Everything comes from Debian packages: mmdebstrap builds the root file
+# system from the same Debian mirror entries the host's apt uses (Origin:
+# Debian in `apt-get indextargets`), mke2fs -d makes the disk from it. No
+# image is downloaded. The result, in $SOCKREDIR_VM_CACHE (default
+# /var/cache/ebpf-sockredir-vm) under a key that hashes this script (which
+# holds the package list and the guest's files) and the mirror entries:
+#
+#   disk.raw      ext4 root file system, read-only; runs use a qcow2 overlay on it
+#   vmlinuz       the guest kernel (Debian's linux-image-amd64, 6.1) and its
+#   initrd.img    initrd, for qemu -kernel/-initrd
+#   image.json    kernel release, package versions, the mirror entries, timings
+#
+# The guest: Debian 12 (bookworm), systemd, openssh-server (root by key only;
+# the key of a run is passed on the kernel command line as
+# sockredir_vm.ssh_key=<base64 of the public key line>, a unit writes it to
+# /root/.ssh/authorized_keys before sshd starts), systemd-networkd DHCP on
+# the qemu user-mode network, the kernel's own headers (linux-headers-amd64
+# depends on linux-headers-<release>), python3, python3-apt (Ansible's apt
+# module), python3-bpfcc, bpftool, iproute2. Host packages this needs
+# (qemu-system-x86, qemu-utils, mmdebstrap, e2fsprogs, openssh-client) are
+# installed with apt-get when missing.
+set -euo pipefail
+
+GUEST_SUITE=bookworm
+GUEST_PACKAGES=(
+  systemd-sysv udev dbus
+  linux-image-amd64 linux-headers-amd64
+  openssh-server
+  python3 python3-apt python3-bpfcc bpftool
+  iproute2 procps
+)
+HOST_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client)
+# free space left in the guest's root file system beyond its contents
+FREE_MIB=1536
+
+cache_root=${SOCKREDIR_VM_CACHE:-/var/cache/ebpf-sockredir-vm}
+mode=build
+case "${1:-}" in
+  "") ;;
+  --path) mode=path ;;
+  --rebuild) mode=rebuild ;;
+  *) echo "usage: $0 [--path|--rebuild]" >&2; exit 2 ;;
+esac
+
+log() { echo "vm-image: $*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  log "run as root (mmdebstrap in root mode, apt-get, the cache in /var/cache)"
+  exit 1
+fi
+
+# The Debian entries of the host's apt sources (not third-party ones), one
+# "URI SUITE COMPONENT" per line, from the lists apt has downloaded.
+debian_sources() {
+  apt-get indextargets --format '$(ORIGIN)|$(REPO_URI)|$(RELEASE)|$(COMPONENT)' \
+      'Created-By: Packages' 2>/dev/null \
+    | awk -F'|' -v suite="$GUEST_SUITE" '
+        $1 == "Debian" && $4 == "main" && ($3 == suite || index($3, suite "-") == 1) { print $2, $3, $4 }' \
+    | sort -u
+}
+
+sources=$(debian_sources)
+if [ -z "$sources" ]; then
+  apt-get update -qq
+  sources=$(debian_sources)
+fi
+if [ -z "$sources" ]; then
+  log "no Debian $GUEST_SUITE entry with component main in the host's apt sources (/etc/apt/sources.list*)"
+  exit 1
+fi
+
+key=$( { cat "${BASH_SOURCE[0]}"; printf '%s\n' "${GUEST_PACKAGES[@]}"; echo "$sources"; } \
+       | sha256sum | cut -c1-16)
+image_dir="$cache_root/$key"
+
+if [ "$mode" = path ]; then
+  echo "$image_dir"
+  exit 0
+fi
+
+mkdir -p "$cache_root"
+exec 9>"$cache_root/.lock"
+flock 9   # one build at a time; a second caller waits and then finds it cached
+
+if [ "$mode" = build ] && [ -f "$image_dir/image.json" ]; then
+  log "cached: $image_dir"
+  echo "$image_dir"
+  exit 0
+fi
+
+missing=()
+for p in "${HOST_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+start=$(date +%s)
+work=$(mktemp -d "$cache_root/build.XXXXXX")
+cleanup() { rm -rf "$work"; }
+trap cleanup EXIT
+rootfs="$work/rootfs"
+mkdir "$rootfs"
+
+# The mirror entries for the guest's /etc/apt/sources.list.
+while read -r uri suite component; do
+  echo "deb $uri $suite $component"
+done <<<"$sources" >"$work/sources.list"
+
+# Files the guest gets (part of this script, hence of the cache key).
+mkdir -p "$work/files"
+cat >"$work/files/sockredir-vm-key" <<'EOF'
+#!/bin/sh
+# Writes the SSH public key of this boot, given on the kernel command line as
+# sockredir_vm.ssh_key=<base64 of the key line>, to root's authorized_keys.
+set -e
+for word in $(cat /proc/cmdline); do
+  case "$word" in
+    sockredir_vm.ssh_key=*) key=${word#sockredir_vm.ssh_key=} ;;
+  esac
+done
+[ -n "${key:-}" ] || { echo "no sockredir_vm.ssh_key= on the kernel command line" >&2; exit 0; }
+umask 077
+mkdir -p /root/.ssh
+echo "$key" | base64 -d >/root/.ssh/authorized_keys
+EOF
+cat >"$work/files/sockredir-vm-key.service" <<'EOF'
+[Unit]
+Description=Authorize the SSH key given on the kernel command line
+Before=ssh.service
+After=local-fs.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/sockredir-vm-key
+RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+EOF
+cat >"$work/files/10-dhcp.network" <<'EOF'
+[Match]
+Name=en* eth*
+
+[Network]
+DHCP=ipv4
+IPv6AcceptRA=no
+EOF
+
+log "mmdebstrap $GUEST_SUITE from: $(echo "$sources" | awk '{print $1 $2}' | paste -sd' ')"
+t0=$(date +%s)
+mmdebstrap --quiet --variant=minbase --mode=root --components=main \
+  --include="$(IFS=,; echo "${GUEST_PACKAGES[*]}")" \
+  --dpkgopt='path-exclude=/usr/share/doc/*' \
+  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+  --dpkgopt='path-exclude=/usr/share/man/*' \
+  --dpkgopt='path-exclude=/usr/share/locale/*' \
+  --skip=cleanup/apt/lists \
+  --customize-hook='echo sockredir-vm >"$1/etc/hostname"' \
+  --customize-hook='printf "127.0.0.1 localhost\n127.0.1.1 sockredir-vm\n::1 localhost ip6-localhost ip6-loopback\n" >"$1/etc/hosts"' \
+  --customize-hook='echo "/dev/vda / ext4 rw,errors=remount-ro 0 0" >"$1/etc/fstab"' \
+  --customize-hook='rm -f "$1/etc/resolv.conf"; echo "nameserver 10.0.2.3" >"$1/etc/resolv.conf"' \
+  --customize-hook="copy-in $work/files/sockredir-vm-key /usr/local/sbin" \
+  --customize-hook="copy-in $work/files/sockredir-vm-key.service /etc/systemd/system" \
+  --customize-hook="copy-in $work/files/10-dhcp.network /etc/systemd/network" \
+  --customize-hook='chmod 0755 "$1/usr/local/sbin/sockredir-vm-key"' \
+  --customize-hook='chroot "$1" systemctl enable --quiet sockredir-vm-key.service systemd-networkd.service' \
+  --customize-hook='chroot "$1" systemctl mask --quiet apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer systemd-timesyncd.service 2>/dev/null || true' \
+  --customize-hook='chroot "$1" passwd --lock root >/dev/null' \
+  --customize-hook='chroot "$1" dpkg-query -W -f="\${Package} \${Version}\n" >"$1/../packages.txt"' \
+  "$GUEST_SUITE" "$rootfs" "$work/sources.list"
+t1=$(date +%s)
+
+release=$(basename "$(ls -d "$rootfs"/lib/modules/*)")
+[ -f "$rootfs/boot/vmlinuz-$release" ] && [ -f "$rootfs/boot/initrd.img-$release" ] \
+  || { log "no kernel or initrd for $release in the root file system"; exit 1; }
+[ -d "$rootfs/usr/src/linux-headers-$release" ] \
+  || { log "linux-headers-$release is not installed: the headers do not match the kernel"; exit 1; }
+cp "$rootfs/boot/vmlinuz-$release" "$work/vmlinuz"
+cp "$rootfs/boot/initrd.img-$release" "$work/initrd.img"
+lsm=$(sed -n 's/^CONFIG_LSM="\(.*\)"$/\1/p' "$rootfs/boot/config-$release")
+
+size_mib=$(( $(du -sm "$rootfs" | cut -f1) + FREE_MIB ))
+log "mke2fs: ${size_mib} MiB"
+mke2fs -q -t ext4 -L sockredir-vm -d "$rootfs" "$work/disk.raw" "${size_mib}M"
+chmod 0444 "$work/disk.raw"
+t2=$(date +%s)
+
+python3 - "$work" "$release" "$lsm" "$key" "$((t1 - t0))" "$((t2 - t1))" "$((t2 - start))" <<'EOF'
+import json, sys
+work, release, lsm, key, debootstrap_s, mkfs_s, total_s = sys.argv[1:]
+packages = dict(line.split(' ', 1) for line in open(work + '/packages.txt').read().splitlines())
+wanted = ['linux-image-' + release, 'linux-headers-' + release, 'linux-image-amd64',
+          'linux-headers-amd64', 'python3', 'python3-bpfcc', 'bpftool', 'openssh-server', 'systemd']
+json.dump(dict(key=key, suite='bookworm', kernel_release=release, kernel_lsm_default=lsm,
+               sources=open(work + '/sources.list').read().splitlines(),
+               packages={p: packages.get(p) for p in wanted},
+               seconds=dict(mmdebstrap=int(debootstrap_s), mke2fs=int(mkfs_s), total=int(total_s))),
+          open(work + '/image.json', 'w'), indent=2)
+EOF
+rm -rf "$rootfs" "$work/files" "$work/sources.list"
+
+chmod 0755 "$work"
+rm -rf "$image_dir"
+mv "$work" "$image_dir"
+trap - EXIT
+# earlier keys of this image are not used any more
+find "$cache_root" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
+log "built $image_dir in $(( $(date +%s) - start )) s (kernel $release)"
+echo "$image_dir"
