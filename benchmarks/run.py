@@ -48,7 +48,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 VENV_BIN = os.path.join(REPO, '.venv', 'bin')
 COLLECTIONS = os.path.join(REPO, '.venv', 'collections')
-SRC = os.path.join(REPO, 'files', 'bpf', 'sockredir.bpf.c')
 SOCKBENCH_C = os.path.join(HERE, 'sockbench.c')
 BPFFS = '/sys/fs/bpf'
 MODULE_PYTHON = '/usr/bin/python3'
@@ -57,6 +56,7 @@ sys.path.insert(0, os.path.join(REPO, 'tests'))
 sys.path.insert(0, COLLECTIONS)
 
 from support import hostenv  # noqa: E402
+from support.plays import converge_tasks, teardown_tasks  # noqa: E402
 from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, program  # noqa: E402
 from ansible_collections.ebpf.sockredir.plugins.module_utils import headers as kheaders  # noqa: E402
 
@@ -95,8 +95,6 @@ PROOF_TOLERANCE = 0.001
 BUSY_MACHINE = 0.25
 QUIET_SPELL = 1.0
 
-PROGRAMS = [dict(name='sockredir_ops', type='sock_ops'), dict(name='sockredir_msg', type='sk_msg')]
-MAPS = ['sockredir_hash', 'sockredir_stats']
 
 
 class BenchError(Exception):
@@ -182,28 +180,6 @@ def compile_sockbench(workdir):
 
 # ---- the collection through ansible-playbook -----------------------------
 
-def converge_tasks(pin_dir, cgroup):
-    """What the role does for one cgroup: load + pin, attach sock_ops, attach sk_msg."""
-    return [
-        dict(name='load', **{'ebpf.sockredir.bpf_program': dict(
-            src=SRC, pin_dir=pin_dir, programs=PROGRAMS, maps=MAPS)}),
-        dict(name='attach ops', **{'ebpf.sockredir.bpf_attach': dict(
-            program=pin_dir + '/sockredir_ops', cgroup=cgroup)}),
-        dict(name='attach msg', **{'ebpf.sockredir.bpf_attach': dict(
-            program=pin_dir + '/sockredir_msg', map=pin_dir + '/sockredir_hash')}),
-    ]
-
-
-def absent_tasks(pin_dir, cgroup):
-    return [
-        dict(name='detach msg', **{'ebpf.sockredir.bpf_attach': dict(
-            program=pin_dir + '/sockredir_msg', map=pin_dir + '/sockredir_hash', state='absent')}),
-        dict(name='detach ops', **{'ebpf.sockredir.bpf_attach': dict(
-            program=pin_dir + '/sockredir_ops', cgroup=cgroup, state='absent')}),
-        dict(name='unload', **{'ebpf.sockredir.bpf_program': dict(pin_dir=pin_dir, state='absent')}),
-    ]
-
-
 class Ansible(object):
     """Runs plays on localhost and times them, wall clock around ansible-playbook."""
 
@@ -248,7 +224,7 @@ def ansible_cycle(ansible, pin_dir, cgroup, keep=False):
 
 
 def remove_with_ansible(ansible, pin_dir, cgroup):
-    gone = ansible.play('absent', absent_tasks(pin_dir, cgroup))
+    gone = ansible.play('absent', teardown_tasks(pin_dir, cgroup))
     if gone['changed'] != 3 or os.path.exists(pin_dir):
         raise BenchError('state absent changed %s tasks (expected 3); pin dir left: %s'
                          % (gone['changed'], os.path.exists(pin_dir)))

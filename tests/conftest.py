@@ -16,14 +16,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(REPO, '.venv', 'bin')
 COLLECTIONS = os.path.join(REPO, '.venv', 'collections')
 BPFFS = '/sys/fs/bpf'
-SRC = os.path.join(REPO, 'files', 'bpf', 'sockredir.bpf.c')
-PROGRAMS = [dict(name='sockredir_ops', type='sock_ops'), dict(name='sockredir_msg', type='sk_msg')]
-MAPS = ['sockredir_hash', 'sockredir_stats']
 
 sys.path.insert(0, os.path.join(REPO, 'tests'))
 sys.path.insert(0, COLLECTIONS)
 
 from support import hostenv  # noqa: E402
+from support.plays import MAPS, PROGRAMS, SRC, converge_tasks, teardown_tasks  # noqa: E402,F401
 
 
 def _is_mountpoint(path):
@@ -115,28 +113,6 @@ def run_play(tmp_path, tasks, *args, name='play'):
     except ValueError:
         data = None
     return PlayResult(proc, data)
-
-
-def converge_tasks(pin_dir, cgroup, src=SRC, defines=None):
-    """The three steps the role runs: load+pin, attach sock_ops, attach sk_msg."""
-    return [
-        dict(name='load', **{'ebpf.sockredir.bpf_program': dict(
-            src=src, pin_dir=pin_dir, programs=PROGRAMS, maps=MAPS, defines=defines or {})}),
-        dict(name='attach ops', **{'ebpf.sockredir.bpf_attach': dict(
-            program=pin_dir + '/sockredir_ops', cgroup=cgroup)}),
-        dict(name='attach msg', **{'ebpf.sockredir.bpf_attach': dict(
-            program=pin_dir + '/sockredir_msg', map=pin_dir + '/sockredir_hash')}),
-    ]
-
-
-def teardown_tasks(pin_dir, cgroup):
-    return [
-        dict(name='detach msg', **{'ebpf.sockredir.bpf_attach': dict(
-            program=pin_dir + '/sockredir_msg', map=pin_dir + '/sockredir_hash', state='absent')}),
-        dict(name='detach ops', **{'ebpf.sockredir.bpf_attach': dict(
-            program=pin_dir + '/sockredir_ops', cgroup=cgroup, state='absent')}),
-        dict(name='unload', **{'ebpf.sockredir.bpf_program': dict(pin_dir=pin_dir, state='absent')}),
-    ]
 
 
 @pytest.fixture

@@ -35,6 +35,9 @@ def features():
     except BpfError:
         out.update(bpf_syscall=False, sock_ops=False, sk_msg=False, sockhash=False,
                    netns_cookie_in_sk_msg=False)
+    # libbpf counts a helper probe whose program fails to load for another
+    # reason as supported: without sk_msg programs there is no helper to have
+    out['netns_cookie_in_sk_msg'] = out['sk_msg'] and out['netns_cookie_in_sk_msg']
     out['advisories'] = kernel_advisories(out['kernel'])
     out['sockredir_ready'] = all(out[k] for k in ('btf', 'sock_ops', 'sk_msg', 'sockhash',
                                                   'netns_cookie_in_sk_msg')) \
