@@ -20,7 +20,13 @@ the proof is reported as unproven, not as a redirect figure.
 
 Client and server are benchmarks/sockbench.c, compiled here with the system
 cc, pinned with taskset to separate CPUs (server on the first, client on the
-second) so neither steals the other's core.
+second) so neither steals the other's core. Request/response runs also with
+both on the first CPU: in a VM guest a cross-CPU wake-up goes through the
+hypervisor and costs more than the socket path being measured.
+
+The machine may be shared: the load of everything else is measured while each
+sample runs; a disturbed sample is set aside and retaken after the machine
+is quiet again, within limits, and the report says how busy it was.
 
 Writes results.json (every sample), results.md (the tables) and
 throughput.png (when matplotlib is importable) into --out. Run as root; no
@@ -593,11 +599,16 @@ def targets(cells, mode):
         met=bool(ratios) and not slower and len(ratios) == len(stream),
         min_ratio=min(ratios) if ratios else None, slower_cells=slower))
     big = 64 * KIB
-    vs_unix = [ratio(find(cells, 'stream', big, nd, 1, 'redirect'), find(cells, 'stream', big, None, 1, 'unix'))
-               for nd in (False, True) if find(cells, 'stream', big, nd, 1, 'redirect')]
-    vs_unix = [r for r in vs_unix if r is not None]
-    out['stream_64k_vs_unix'] = dict(met=bool(vs_unix) and min(vs_unix) >= 0.8, target=0.8,
-                                     ratio=min(vs_unix) if vs_unix else None)
+    # Both TCP_NODELAY rows measure the same redirect path (the option does
+    # not touch redirected data): each row is judged, the lower one decides.
+    by_row = {}
+    for nodelay, row in ((False, 'nagle'), (True, 'nodelay')):
+        redirect = find(cells, 'stream', big, nodelay, 1, 'redirect')
+        if redirect:
+            by_row[row] = ratio(redirect, find(cells, 'stream', big, None, 1, 'unix'))
+    known = [r for r in by_row.values() if r is not None]
+    out['stream_64k_vs_unix'] = dict(met=bool(known) and len(known) == len(by_row) and min(known) >= 0.8,
+                                     target=0.8, ratio=min(known) if known else None, by_row=by_row)
     if 64 in m['pingpong_sizes']:
         by_placement = {}
         for placement in m['pingpong_placements']:
@@ -705,8 +716,10 @@ def markdown(result):
                                                           s['pairs'], s['ratio'])
                                   for s in nsl['slower_cells'])) if nsl['slower_cells'] else ''))
     u = t['stream_64k_vs_unix']
-    lines.append('- 64 KiB stream >= 0.8x Unix: **%s** (%s)' % ('met' if u['met'] else 'missed',
-                                                              fmt_ratio(u['ratio'])))
+    lines.append('- 64 KiB stream >= 0.8x Unix: **%s** (%s)' % (
+        'met' if u['met'] else 'missed',
+        ', '.join('TCP_NODELAY %s %s' % ('on' if row == 'nodelay' else 'off', fmt_ratio(r))
+                  for row, r in u['by_row'].items())))
     if 'pingpong_64_vs_loopback' in t:
         p = t['pingpong_64_vs_loopback']
         lines.append('- 64 B request/response >= 1.5x loopback transactions/s: %s' % '; '.join(
