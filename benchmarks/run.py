@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.join(REPO, 'tests'))
 sys.path.insert(0, COLLECTIONS)
 
 from support import hostenv  # noqa: E402
-from support.plays import converge_tasks, teardown_tasks  # noqa: E402
+from support.plays import converge_tasks, remove_pin_dir, teardown_tasks  # noqa: E402
 from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, program  # noqa: E402
 from ansible_collections.ebpf.sockredir.plugins.module_utils import headers as kheaders  # noqa: E402
 
@@ -235,17 +235,6 @@ def remove_with_ansible(ansible, pin_dir, cgroup):
         raise BenchError('state absent changed %s tasks (expected 3); pin dir left: %s'
                          % (gone['changed'], os.path.exists(pin_dir)))
     return gone
-
-
-def force_remove_pins(pin_dir):
-    """Last resort after a failure: unpin (drops the map and its sk_msg attachment)."""
-    if os.path.isdir(pin_dir):
-        for name in os.listdir(pin_dir):
-            os.unlink(os.path.join(pin_dir, name))
-        os.rmdir(pin_dir)
-    record = program.record_path(pin_dir)
-    if os.path.exists(record):
-        os.unlink(record)
 
 
 def counters(pin_dir):
@@ -798,7 +787,7 @@ def run(mode, out_dir, repeats=None, duration=None):
         pin_dir = os.path.join(BPFFS, hostenv.unique_name('sockbench'))
         # Runs before the cgroups go (LIFO): unpinned programs stay loaded only
         # while the cgroup holds them.
-        stack.callback(force_remove_pins, pin_dir)
+        stack.callback(remove_pin_dir, pin_dir)
         log('netns %s, cgroups %s and %s, pins %s' % (netns, plain_cg, redirect_cg, pin_dir))
 
         ansible = Ansible(workdir)

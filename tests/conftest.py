@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(REPO, 'tests'))
 sys.path.insert(0, COLLECTIONS)
 
 from support import hostenv  # noqa: E402
-from support.plays import MAPS, PROGRAMS, SRC, converge_tasks, teardown_tasks  # noqa: E402,F401
+from support.plays import MAPS, PROGRAMS, SRC, converge_tasks, remove_pin_dir, teardown_tasks  # noqa: E402,F401
 
 
 def _is_mountpoint(path):
@@ -48,19 +48,6 @@ def bpftool_json(*args):
 def loaded_sockmap_prog_ids():
     return sorted(p['id'] for p in bpftool_json('prog', 'show')
                   if p.get('type') in ('sock_ops', 'sk_msg'))
-
-
-def remove_pin_dir(path):
-    """Detach what the pins in path have attached to sockmaps, then unpin everything."""
-    if not os.path.isdir(path):
-        return
-    for name in os.listdir(path):
-        os.unlink(os.path.join(path, name))
-    os.rmdir(path)
-    from ansible_collections.ebpf.sockredir.plugins.module_utils import program
-    record = program.record_path(path)
-    if os.path.exists(record):
-        os.unlink(record)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The module tasks the role runs, as playbook task lists: shared by the tests and the benchmark."""
+"""The module tasks the role runs, as playbook task lists, and the last-resort cleanup of a pin dir:
+shared by the tests and the benchmark."""
 
 import os
 
@@ -28,3 +29,19 @@ def teardown_tasks(pin_dir, cgroup):
             program=pin_dir + '/sockredir_ops', cgroup=cgroup, state='absent')}),
         dict(name='unload', **{'ebpf.sockredir.bpf_program': dict(pin_dir=pin_dir, state='absent')}),
     ]
+
+
+def remove_pin_dir(pin_dir):
+    """Last resort after a test or run: unpin everything in pin_dir and drop bpf_program's record.
+
+    Unpinning the map drops its sk_msg attachment with it; a cgroup attachment
+    goes with the cgroup.
+    """
+    from ansible_collections.ebpf.sockredir.plugins.module_utils import program
+    if os.path.isdir(pin_dir):
+        for name in os.listdir(pin_dir):
+            os.unlink(os.path.join(pin_dir, name))
+        os.rmdir(pin_dir)
+    record = program.record_path(pin_dir)
+    if os.path.exists(record):
+        os.unlink(record)
