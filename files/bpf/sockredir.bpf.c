@@ -2,13 +2,18 @@
 /*
  * Same-host TCP acceleration by socket redirection.
  *
- * sockredir_ops (sock_ops, attached to a cgroup) puts every established
- * IPv4/IPv6 TCP socket of that cgroup into the sockhash, keyed by its own
- * endpoint. sockredir_msg (sk_msg, attached to the sockhash) runs on every
+ * sockredir_ops (sock_ops, attached to a cgroup) admits an established
+ * IPv4/IPv6 TCP socket into the sockhash, keyed by its own endpoint, only
+ * when its peer is a socket of this host, in the same netns, under these
+ * programs. sockredir_msg (sk_msg, attached to the sockhash) runs on every
  * sendmsg() of those sockets, looks the peer socket up by the mirrored key
- * and, when the peer is in the map (both ends on this host, in the cgroup),
- * queues the data straight onto the peer's receive queue: no TCP/IP stack,
- * no loopback device.
+ * and queues the data straight onto the peer's receive queue: no TCP/IP
+ * stack, no loopback device.
+ *
+ * Each direction of a flow takes one of two paths, and may switch only
+ * from redirect to TCP, never back (docs/design.md has the diagram): the
+ * receiver reads its redirected queue before its TCP queue, so bytes that
+ * went TCP first would be read after later redirected ones.
  *
  * Optional compile-time port policy, comma-separated lists of ports:
  *   -DSOCKREDIR_ALLOW_PORTS=80,443  only connections whose local or remote
@@ -169,57 +174,264 @@ static __always_inline int sockredir_policy_allows(const struct sockredir_key *k
 #endif
 }
 
+/* The key the peer socket has: local and remote swapped. */
+static __always_inline void sockredir_mirror(const struct sockredir_key *own,
+					     struct sockredir_key *peer)
+{
+	__builtin_memcpy(peer->local_ip, own->remote_ip, sizeof(peer->local_ip));
+	__builtin_memcpy(peer->remote_ip, own->local_ip, sizeof(peer->remote_ip));
+	peer->local_port = own->remote_port;
+	peer->remote_port = own->local_port;
+	peer->netns_cookie = own->netns_cookie;
+}
+
+static __always_inline int sockredir_passive_request(struct bpf_sock_ops *skops)
+{
+	/* a listener's request (or a Fast Open child), not a connect()ing socket */
+	return skops->state == BPF_TCP_NEW_SYN_RECV || skops->state == BPF_TCP_SYN_RECV;
+}
+
+/*
+ * A listener of ours got a SYN: remember the request under the listener
+ * side's key. Runs for the listener's cgroup, before the SYN-ACK leaves.
+ */
+static __always_inline void sockredir_note_request(struct bpf_sock_ops *skops)
+{
+	struct sockredir_key key = {};
+	u32 one = 1;
+
+	if (!sockredir_passive_request(skops) || sockredir_ops_key(skops, &key))
+		return;
+	if (sockredir_policy_allows(&key))
+		sockredir_reqs.update(&key, &one);
+}
+
+/*
+ * Admission, at ESTABLISHED. The connect()ing side is established first
+ * (on the SYN-ACK), when the listener's request is already noted: its
+ * peer is ours iff that note exists. The accept()ed side is established
+ * on the ACK: it is admitted iff the connecting side was. No byte may
+ * have crossed TCP yet (Fast Open data in the SYN, a data segment that
+ * completed the handshake): such a flow stays TCP, both sides.
+ */
+static __always_inline int sockredir_admissible(struct bpf_sock_ops *skops,
+						struct sockredir_key *key)
+{
+	struct sockredir_key peer = {};
+
+	if (skops->data_segs_out || skops->data_segs_in || skops->bytes_received) {
+		sockredir_count(SOCKREDIR_STAT_NOT_ADMITTED_EARLY_DATA, 1);
+		return 0;
+	}
+	sockredir_mirror(key, &peer);
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		if (!sockredir_reqs.lookup(&peer))
+			goto not_ours;
+		return 1;
+	}
+	sockredir_reqs.delete(key);
+	if (!sockredir_flows.lookup(&peer))
+		goto not_ours;
+	return 1;
+not_ours:
+	sockredir_count(SOCKREDIR_STAT_NOT_ADMITTED_PEER, 1);
+	return 0;
+}
+
+static __always_inline void sockredir_admit(struct bpf_sock_ops *skops,
+					    struct sockredir_key *key)
+{
+	struct sockredir_flow flow = {};
+	long err;
+
+	if (!sockredir_policy_allows(key) || !sockredir_admissible(skops, key))
+		return;
+	/* a stale gate of an earlier socket with the same key must not count */
+	sockredir_gates.delete(key);
+	if (sockredir_flows.update(key, &flow)) {
+		sockredir_count(SOCKREDIR_STAT_INSERT_FAILED, 1);
+		return;
+	}
+	err = sockredir_hash.sock_hash_update(skops, key, BPF_ANY);
+	if (err) {
+		sockredir_flows.delete(key);
+		sockredir_count(err == -E2BIG ? SOCKREDIR_STAT_INSERT_FULL :
+				SOCKREDIR_STAT_INSERT_FAILED, 1);
+		return;
+	}
+	sockredir_count(SOCKREDIR_STAT_INSERTED, 1);
+	/*
+	 * STATE: forget the flow at close. RTT: runs on ACKs only, which a
+	 * redirected socket never gets; once it sends over TCP, the first
+	 * ACK is where it can leave the map (sk_msg may not delete).
+	 */
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG |
+				  BPF_SOCK_OPS_RTT_CB_FLAG);
+}
+
+/* An ACK for a socket of ours: if it now sends over TCP, let it go. */
+static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
+					     struct sockredir_key *key)
+{
+	struct sockredir_flow *flow = sockredir_flows.lookup(key);
+
+	if (!flow || !(flow->flags & SOCKREDIR_FLOW_TCP))
+		return;
+	if (flow->flags & SOCKREDIR_FLOW_REMOVE) {
+		/* its gate is closed and was never open: its queue is empty */
+		if (!sockredir_hash.delete(key))
+			sockredir_count(SOCKREDIR_STAT_REMOVED, 1);
+		flow->flags &= ~SOCKREDIR_FLOW_REMOVE;
+	}
+	/* nothing left to do on ACKs; keep STATE for the clean-up */
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
 int sockredir_ops(struct bpf_sock_ops *skops)
 {
 	struct sockredir_key key = {};
-	long err;
 
-	/*
-	 * Both ends get here once the handshake completes: the connect()ing
-	 * socket as ACTIVE, the accept()ed one as PASSIVE. Listeners never
-	 * do, and only established sockets can take redirected data.
-	 */
-	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-		return 1;
-	if (sockredir_ops_key(skops, &key))
-		return 1;
-	if (!sockredir_policy_allows(&key))
-		return 1;
-
-	err = sockredir_hash.sock_hash_update(skops, &key, BPF_ANY);
-	if (!err)
-		sockredir_count(SOCKREDIR_STAT_INSERTED, 1);
-	else if (err == -E2BIG)
-		sockredir_count(SOCKREDIR_STAT_INSERT_FULL, 1);
-	else
-		sockredir_count(SOCKREDIR_STAT_INSERT_FAILED, 1);
-
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TIMEOUT_INIT:
+		sockredir_note_request(skops);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		if (!sockredir_ops_key(skops, &key))
+			sockredir_admit(skops, &key);
+		break;
+	case BPF_SOCK_OPS_RTT_CB:
+		if (!sockredir_ops_key(skops, &key))
+			sockredir_on_ack(skops, &key);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE && !sockredir_ops_key(skops, &key)) {
+			sockredir_flows.delete(&key);
+			sockredir_gates.delete(&key);
+		}
+		break;
+	}
 	/* cgroup programs report success with 1; 0 would mean -EPERM */
 	return 1;
 }
 
+/*
+ * Switch this direction to TCP for good. The socket may also leave the
+ * sockhash (no sk_msg cost, no tcp_bpf receive path) if nothing was ever
+ * redirected into it: closing its gate first, atomically, makes sure
+ * nothing will be. Returns 0 if it stays in the map.
+ */
+static __always_inline int sockredir_go_tcp(struct sockredir_flow *flow,
+					    struct sockredir_key *own)
+{
+	u32 closed = SOCKREDIR_GATE_CLOSED;
+	u32 *gate;
+
+	flow->flags |= SOCKREDIR_FLOW_TCP;
+	if (!sockredir_gates.insert(own, &closed))
+		goto removable;
+	gate = sockredir_gates.lookup(own);
+	if (gate && *gate == SOCKREDIR_GATE_CLOSED)
+		goto removable;
+	return 0;
+removable:
+	flow->flags |= SOCKREDIR_FLOW_REMOVE;
+	return 1;
+}
+
+/* Would leaving the map be safe now? Then the small-write switch may go. */
+static __always_inline int sockredir_may_leave(struct sockredir_key *own)
+{
+	u32 *gate = sockredir_gates.lookup(own);
+
+	return !gate || *gate == SOCKREDIR_GATE_CLOSED;
+}
+
+static __always_inline int sockredir_pass(__u64 size)
+{
+	sockredir_count(SOCKREDIR_STAT_PASSED_MSGS, 1);
+	sockredir_count(SOCKREDIR_STAT_PASSED_BYTES, size);
+	return SK_PASS;
+}
+
 int sockredir_msg(struct sk_msg_md *msg)
 {
-	struct sockredir_key peer = {};
+	struct sockredir_key peer = {}, own = {};
+	struct sockredir_flow *flow, *peer_flow, fresh = {};
+	struct sockredir_settings *cfg;
 	__u64 size = msg->size;
+	u32 zero = 0, open = SOCKREDIR_GATE_OPEN, small_bytes, small_streak;
+	u32 *gate;
 
-	if (!sockredir_msg_peer_key(msg, &peer) &&
-	    sockredir_hash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS) {
+	if (sockredir_msg_peer_key(msg, &peer))
+		return sockredir_pass(size);
+	sockredir_mirror(&peer, &own);
+	flow = sockredir_flows.lookup(&own);
+	if (!flow) {
+		/* inserted by an older version of these programs */
+		sockredir_flows.insert(&own, &fresh);
+		flow = sockredir_flows.lookup(&own);
+		if (!flow)
+			return sockredir_pass(size);
+	}
+	peer_flow = sockredir_flows.lookup(&peer);
+	/* the peer just received: its next small send answers, it does not stream */
+	if (peer_flow)
+		peer_flow->small_streak = 0;
+
+	/*
+	 * SK_PASS without a redirect target sends the data the normal TCP way
+	 * (SK_DROP would fail the sendmsg() with EACCES).
+	 */
+	if (flow->flags & SOCKREDIR_FLOW_TCP)
+		return sockredir_pass(size);
+
+	cfg = sockredir_cfg.lookup(&zero);
+	small_bytes = cfg && cfg->small_bytes ? cfg->small_bytes : SOCKREDIR_SMALL_BYTES;
+	small_streak = cfg && cfg->small_streak ? cfg->small_streak : SOCKREDIR_SMALL_STREAK;
+	if (size >= small_bytes) {
+		flow->small_streak = 0;
+	} else if (++flow->small_streak >= small_streak &&
+		   !(flow->flags & SOCKREDIR_FLOW_KEEP)) {
+		/*
+		 * A stream of small writes: TCP coalesces them, a redirect
+		 * pays a wake-up each. Only if the socket can leave the map
+		 * (a TCP sender left in it pays the sk_msg copy and can see
+		 * spurious EAGAIN on blocking reads).
+		 */
+		if (sockredir_may_leave(&own) && sockredir_go_tcp(flow, &own)) {
+			sockredir_count(SOCKREDIR_STAT_DEMOTED_SMALL_WRITES, 1);
+			return sockredir_pass(size);
+		}
+		flow->flags &= ~SOCKREDIR_FLOW_TCP;
+		flow->flags |= SOCKREDIR_FLOW_KEEP;
+		sockredir_count(SOCKREDIR_STAT_DEMOTION_REFUSED, 1);
+	}
+
+	if (!peer_flow)
+		goto peer_absent;
+	if (!(flow->flags & SOCKREDIR_FLOW_PEER_GATE_OPEN)) {
+		/* first redirect into the peer: open its gate, unless it closed it */
+		sockredir_gates.insert(&peer, &open);
+		gate = sockredir_gates.lookup(&peer);
+		if (!gate || *gate != SOCKREDIR_GATE_OPEN)
+			goto peer_absent;
+		flow->flags |= SOCKREDIR_FLOW_PEER_GATE_OPEN;
+	}
+	if (sockredir_hash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS) {
 		sockredir_count(SOCKREDIR_STAT_REDIRECTED_MSGS, 1);
 		sockredir_count(SOCKREDIR_STAT_REDIRECTED_BYTES, size);
 		return SK_PASS;
 	}
 
+peer_absent:
 	/*
-	 * The peer is not in the map (another host, a socket outside the
-	 * cgroup, a port the policy excludes): SK_PASS without a redirect
-	 * target sends the data the normal TCP way. SK_DROP would fail the
-	 * sendmsg() with EACCES.
+	 * The peer is not in the map (not yet inserted, already gone, left
+	 * for TCP): these bytes go TCP, and so must every later one.
 	 */
-	sockredir_count(SOCKREDIR_STAT_PASSED_MSGS, 1);
-	sockredir_count(SOCKREDIR_STAT_PASSED_BYTES, size);
-	return SK_PASS;
+	sockredir_go_tcp(flow, &own);
+	sockredir_count(SOCKREDIR_STAT_TCP_PEER_ABSENT, 1);
+	return sockredir_pass(size);
 }
 
 /* BCC's footer emits the license section from this (GPL is its default). */

@@ -74,13 +74,72 @@ enum sockredir_stat {
 	SOCKREDIR_STAT_REDIRECTED_BYTES = 1,
 	SOCKREDIR_STAT_PASSED_MSGS = 2,
 	SOCKREDIR_STAT_PASSED_BYTES = 3,
+	/* admitted: put in the sockhash */
 	SOCKREDIR_STAT_INSERTED = 4,
 	/* sock_hash_update() failed with -E2BIG: the sockhash is full */
 	SOCKREDIR_STAT_INSERT_FULL = 5,
-	/* sock_hash_update() failed with any other error */
+	/* sock_hash_update() or the flow state insert failed otherwise */
 	SOCKREDIR_STAT_INSERT_FAILED = 6,
-	SOCKREDIR_STAT_MAX = 7,
+	/* not admitted: the peer is not a socket of ours in this netns */
+	SOCKREDIR_STAT_NOT_ADMITTED_PEER = 7,
+	/* not admitted: bytes crossed TCP before ESTABLISHED (Fast Open) */
+	SOCKREDIR_STAT_NOT_ADMITTED_EARLY_DATA = 8,
+	/* a direction switched to TCP after a streak of small writes */
+	SOCKREDIR_STAT_DEMOTED_SMALL_WRITES = 9,
+	/* a direction switched to TCP: its peer was not (or no longer) there */
+	SOCKREDIR_STAT_TCP_PEER_ABSENT = 10,
+	/* a socket that sends over TCP was taken out of the sockhash */
+	SOCKREDIR_STAT_REMOVED = 11,
+	/* a small-write streak stayed redirected: redirected bytes may
+	 * still wait in the socket's queue, so it cannot leave the map */
+	SOCKREDIR_STAT_DEMOTION_REFUSED = 12,
+	SOCKREDIR_STAT_MAX = 13,
 };
+
+/*
+ * Per-socket path state, in sockredir_flows under the socket's own key.
+ * Written by the socket's own sk_msg (under its socket lock) and by its
+ * sock_ops callbacks; the peer only clears small_streak.
+ */
+#define SOCKREDIR_FLOW_TCP		(1U << 0)	/* sends go TCP, for good */
+#define SOCKREDIR_FLOW_REMOVE		(1U << 1)	/* leave the sockhash at the next ACK */
+#define SOCKREDIR_FLOW_PEER_GATE_OPEN	(1U << 2)	/* the peer's rx gate is open to us */
+#define SOCKREDIR_FLOW_KEEP		(1U << 3)	/* cannot leave the map: never demote */
+
+struct sockredir_flow {
+	__u32 flags;
+	/* sends below small_bytes in a row, with nothing received between */
+	__u32 small_streak;
+};
+
+/*
+ * The receive gate of a socket, in sockredir_gates under its own key, set
+ * once and for good by whichever comes first (BPF_NOEXIST insert, atomic
+ * under the hash bucket lock):
+ *   OPEN    the peer redirected into it: its ingress queue may hold bytes,
+ *           so it must stay in the sockhash (deleting would drop them);
+ *   CLOSED  it is leaving the map: the peer must send over TCP.
+ */
+#define SOCKREDIR_GATE_OPEN	1
+#define SOCKREDIR_GATE_CLOSED	2
+
+/*
+ * Run-time settings, sockredir_cfg[0]; a zero field means the default.
+ */
+struct sockredir_settings {
+	/* a send smaller than this counts towards a small-write streak */
+	__u32 small_bytes;
+	/* that many small sends in a row, nothing received: go TCP */
+	__u32 small_streak;
+	__u32 reserved[2];
+};
+
+#ifndef SOCKREDIR_SMALL_BYTES
+#define SOCKREDIR_SMALL_BYTES 32768
+#endif
+#ifndef SOCKREDIR_SMALL_STREAK
+#define SOCKREDIR_SMALL_STREAK 16
+#endif
 
 /*
  * BCC 0.26's BPF_TABLE_PINNED() declares the generic table struct, which has
@@ -110,5 +169,24 @@ SOCKREDIR_SOCKHASH_PINNED(sockredir_hash, struct sockredir_key,
 
 BPF_TABLE_PINNED("percpu_array", u32, u64, sockredir_stats,
 		 SOCKREDIR_STAT_MAX, BPF_PIN_DIR "/sockredir_stats");
+
+/* Path state of every admitted socket; entries go when the socket closes. */
+BPF_TABLE_PINNED("hash", struct sockredir_key, struct sockredir_flow,
+		 sockredir_flows, SOCKREDIR_MAP_SIZE, BPF_PIN_DIR "/sockredir_flows");
+
+/* Receive gates (SOCKREDIR_GATE_*); entries go when the socket closes. */
+BPF_TABLE_PINNED("hash", struct sockredir_key, u32, sockredir_gates,
+		 SOCKREDIR_MAP_SIZE, BPF_PIN_DIR "/sockredir_gates");
+
+/*
+ * Connection requests a listener of ours has seen (its own key): the proof,
+ * for the connecting side, that its peer is a socket of this host, in this
+ * netns, under these programs. LRU: requests that never complete age out.
+ */
+BPF_TABLE_PINNED("lru_hash", struct sockredir_key, u32, sockredir_reqs,
+		 SOCKREDIR_MAP_SIZE, BPF_PIN_DIR "/sockredir_reqs");
+
+BPF_TABLE_PINNED("array", u32, struct sockredir_settings, sockredir_cfg,
+		 1, BPF_PIN_DIR "/sockredir_cfg");
 
 #endif /* __SOCKREDIR_H */

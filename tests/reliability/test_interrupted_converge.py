@@ -18,13 +18,14 @@ import subprocess
 import pytest
 
 from support import hostenv
+from support.plays import MAPS
 
 from ansible_collections.ebpf.sockredir.plugins.module_utils import facts
 
 from . import kit
 
 SEED = int(os.environ.get('SRREL_SEED') or random.SystemRandom().randrange(1 << 30))
-PINS = {'sockredir_hash', 'sockredir_msg', 'sockredir_ops', 'sockredir_stats'}
+PINS = set(MAPS) | {'sockredir_msg', 'sockredir_ops'}
 
 # In the order the role reaches them, so each killed run continues from the
 # partial state the previous one left.

@@ -6,7 +6,8 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = os.path.join(REPO, 'files', 'bpf', 'sockredir.bpf.c')
 PROGRAMS = [dict(name='sockredir_ops', type='sock_ops'), dict(name='sockredir_msg', type='sk_msg')]
-MAPS = ['sockredir_hash', 'sockredir_stats']
+MAPS = ['sockredir_hash', 'sockredir_stats', 'sockredir_flows', 'sockredir_gates',
+        'sockredir_reqs', 'sockredir_cfg']
 
 
 def converge_tasks(pin_dir, cgroup, src=SRC, defines=None):
