@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(python3-bpfcc bpftool clang linux-headers-amd64 socat iperf3 sockperf
+packages=(python3-bpfcc bpftool clang linux-headers-amd64 socat iperf3 sockperf nftables
           iproute2 python3-venv python3-pip util-linux procps python3-matplotlib)
 missing=()
 for p in "${packages[@]}"; do
