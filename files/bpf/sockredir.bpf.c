@@ -185,6 +185,32 @@ static __always_inline void sockredir_mirror(const struct sockredir_key *own,
 	peer->netns_cookie = own->netns_cookie;
 }
 
+/*
+ * The connection's key, the same from both sockets: the endpoint (address,
+ * then port) that sorts first is local. Returns the caller's side (0: its
+ * own endpoint sorts first).
+ */
+static __always_inline int sockredir_flow_key(const struct sockredir_key *own,
+					      struct sockredir_key *conn)
+{
+	int side = 0;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (own->local_ip[i] != own->remote_ip[i]) {
+			side = own->local_ip[i] > own->remote_ip[i];
+			goto decided;
+		}
+	}
+	side = own->local_port > own->remote_port;
+decided:
+	if (side)
+		sockredir_mirror(own, conn);
+	else
+		__builtin_memcpy(conn, own, sizeof(*conn));
+	return side;
+}
+
 static __always_inline int sockredir_passive_request(struct bpf_sock_ops *skops)
 {
 	/* a listener's request (or a Fast Open child), not a connect()ing socket */
@@ -215,22 +241,25 @@ static __always_inline void sockredir_note_request(struct bpf_sock_ops *skops)
  * completed the handshake): such a flow stays TCP, both sides.
  */
 static __always_inline int sockredir_admissible(struct bpf_sock_ops *skops,
-						struct sockredir_key *key)
+						struct sockredir_key *key,
+						struct sockredir_key *conn, int side)
 {
 	struct sockredir_key peer = {};
+	struct sockredir_flow *flow;
 
 	if (skops->data_segs_out || skops->data_segs_in || skops->bytes_received) {
 		sockredir_count(SOCKREDIR_STAT_NOT_ADMITTED_EARLY_DATA, 1);
 		return 0;
 	}
-	sockredir_mirror(key, &peer);
 	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		sockredir_mirror(key, &peer);
 		if (!sockredir_reqs.lookup(&peer))
 			goto not_ours;
 		return 1;
 	}
 	sockredir_reqs.delete(key);
-	if (!sockredir_flows.lookup(&peer))
+	flow = sockredir_flows.lookup(conn);
+	if (!flow || !(flow->flags[side ^ 1] & SOCKREDIR_FLOW_ADMITTED))
 		goto not_ours;
 	return 1;
 not_ours:
@@ -241,24 +270,33 @@ not_ours:
 static __always_inline void sockredir_admit(struct bpf_sock_ops *skops,
 					    struct sockredir_key *key)
 {
-	struct sockredir_flow flow = {};
+	struct sockredir_key conn = {};
+	struct sockredir_flow fresh = {}, *flow;
+	int side = sockredir_flow_key(key, &conn);
 	long err;
 
-	if (!sockredir_policy_allows(key) || !sockredir_admissible(skops, key))
+	if (!sockredir_policy_allows(key) || !sockredir_admissible(skops, key, &conn, side))
 		return;
 	/* a stale gate of an earlier socket with the same key must not count */
 	sockredir_gates.delete(key);
-	if (sockredir_flows.update(key, &flow)) {
+	/* the connecting side is first: it starts the connection's entry */
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    sockredir_flows.update(&conn, &fresh)) {
+		sockredir_count(SOCKREDIR_STAT_INSERT_FAILED, 1);
+		return;
+	}
+	flow = sockredir_flows.lookup(&conn);
+	if (!flow) {
 		sockredir_count(SOCKREDIR_STAT_INSERT_FAILED, 1);
 		return;
 	}
 	err = sockredir_hash.sock_hash_update(skops, key, BPF_ANY);
 	if (err) {
-		sockredir_flows.delete(key);
 		sockredir_count(err == -E2BIG ? SOCKREDIR_STAT_INSERT_FULL :
 				SOCKREDIR_STAT_INSERT_FAILED, 1);
 		return;
 	}
+	flow->flags[side & 1] |= SOCKREDIR_FLOW_ADMITTED;
 	sockredir_count(SOCKREDIR_STAT_INSERTED, 1);
 	/*
 	 * STATE: forget the flow at close. RTT: runs on ACKs only, which a
@@ -273,18 +311,29 @@ static __always_inline void sockredir_admit(struct bpf_sock_ops *skops,
 static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
 					     struct sockredir_key *key)
 {
-	struct sockredir_flow *flow = sockredir_flows.lookup(key);
+	struct sockredir_key conn = {};
+	int side = sockredir_flow_key(key, &conn) & 1;
+	struct sockredir_flow *flow = sockredir_flows.lookup(&conn);
 
-	if (!flow || !(flow->flags & SOCKREDIR_FLOW_TCP))
+	if (!flow || !(flow->flags[side] & SOCKREDIR_FLOW_TCP))
 		return;
-	if (flow->flags & SOCKREDIR_FLOW_REMOVE) {
+	if (flow->flags[side] & SOCKREDIR_FLOW_REMOVE) {
 		/* its gate is closed and was never open: its queue is empty */
 		if (!sockredir_hash.delete(key))
 			sockredir_count(SOCKREDIR_STAT_REMOVED, 1);
-		flow->flags &= ~SOCKREDIR_FLOW_REMOVE;
+		flow->flags[side] &= ~(SOCKREDIR_FLOW_REMOVE | SOCKREDIR_FLOW_ADMITTED);
 	}
 	/* nothing left to do on ACKs; keep STATE for the clean-up */
 	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void sockredir_forget(struct sockredir_key *key)
+{
+	struct sockredir_key conn = {};
+
+	sockredir_flow_key(key, &conn);
+	sockredir_flows.delete(&conn);
+	sockredir_gates.delete(key);
 }
 
 int sockredir_ops(struct bpf_sock_ops *skops)
@@ -305,10 +354,8 @@ int sockredir_ops(struct bpf_sock_ops *skops)
 			sockredir_on_ack(skops, &key);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE && !sockredir_ops_key(skops, &key)) {
-			sockredir_flows.delete(&key);
-			sockredir_gates.delete(&key);
-		}
+		if (skops->args[1] == BPF_TCP_CLOSE && !sockredir_ops_key(skops, &key))
+			sockredir_forget(&key);
 		break;
 	}
 	/* cgroup programs report success with 1; 0 would mean -EPERM */
@@ -321,13 +368,12 @@ int sockredir_ops(struct bpf_sock_ops *skops)
  * redirected into it: closing its gate first, atomically, makes sure
  * nothing will be. Returns 0 if it stays in the map.
  */
-static __always_inline int sockredir_go_tcp(struct sockredir_flow *flow,
-					    struct sockredir_key *own)
+static __always_inline int sockredir_go_tcp(__u32 *flags, struct sockredir_key *own)
 {
 	u32 closed = SOCKREDIR_GATE_CLOSED;
 	u32 *gate;
 
-	flow->flags |= SOCKREDIR_FLOW_TCP;
+	*flags |= SOCKREDIR_FLOW_TCP;
 	if (!sockredir_gates.insert(own, &closed))
 		goto removable;
 	gate = sockredir_gates.lookup(own);
@@ -335,7 +381,7 @@ static __always_inline int sockredir_go_tcp(struct sockredir_flow *flow,
 		goto removable;
 	return 0;
 removable:
-	flow->flags |= SOCKREDIR_FLOW_REMOVE;
+	*flags |= SOCKREDIR_FLOW_REMOVE;
 	return 1;
 }
 
@@ -356,67 +402,76 @@ static __always_inline int sockredir_pass(__u64 size)
 
 int sockredir_msg(struct sk_msg_md *msg)
 {
-	struct sockredir_key peer = {}, own = {};
-	struct sockredir_flow *flow, *peer_flow, fresh = {};
+	struct sockredir_key peer = {}, own = {}, conn = {};
+	struct sockredir_flow *flow, fresh = {};
 	struct sockredir_settings *cfg;
 	__u64 size = msg->size;
 	u32 zero = 0, open = SOCKREDIR_GATE_OPEN, small_bytes, small_streak;
+	__u32 *flags, *streak;
 	u32 *gate;
+	int side;
 
 	if (sockredir_msg_peer_key(msg, &peer))
 		return sockredir_pass(size);
 	sockredir_mirror(&peer, &own);
-	flow = sockredir_flows.lookup(&own);
+	side = sockredir_flow_key(&own, &conn) & 1;
+	flow = sockredir_flows.lookup(&conn);
 	if (!flow) {
-		/* inserted by an older version of these programs */
-		sockredir_flows.insert(&own, &fresh);
-		flow = sockredir_flows.lookup(&own);
+		/*
+		 * Gone with the peer's close (sockets inserted by an older
+		 * version keep that version's sk_msg): the peer is not there.
+		 */
+		if (side)
+			fresh.flags[1] = SOCKREDIR_FLOW_ADMITTED;
+		else
+			fresh.flags[0] = SOCKREDIR_FLOW_ADMITTED;
+		sockredir_flows.insert(&conn, &fresh);
+		flow = sockredir_flows.lookup(&conn);
 		if (!flow)
 			return sockredir_pass(size);
 	}
-	peer_flow = sockredir_flows.lookup(&peer);
+	flags = &flow->flags[side];
+	streak = &flow->small_streak[side];
 	/* the peer just received: its next small send answers, it does not stream */
-	if (peer_flow)
-		peer_flow->small_streak = 0;
+	flow->small_streak[side ^ 1] = 0;
 
 	/*
 	 * SK_PASS without a redirect target sends the data the normal TCP way
 	 * (SK_DROP would fail the sendmsg() with EACCES).
 	 */
-	if (flow->flags & SOCKREDIR_FLOW_TCP)
+	if (*flags & SOCKREDIR_FLOW_TCP)
 		return sockredir_pass(size);
 
 	cfg = sockredir_cfg.lookup(&zero);
 	small_bytes = cfg && cfg->small_bytes ? cfg->small_bytes : SOCKREDIR_SMALL_BYTES;
 	small_streak = cfg && cfg->small_streak ? cfg->small_streak : SOCKREDIR_SMALL_STREAK;
 	if (size >= small_bytes) {
-		flow->small_streak = 0;
-	} else if (++flow->small_streak >= small_streak &&
-		   !(flow->flags & SOCKREDIR_FLOW_KEEP)) {
+		*streak = 0;
+	} else if (++*streak >= small_streak && !(*flags & SOCKREDIR_FLOW_KEEP)) {
 		/*
 		 * A stream of small writes: TCP coalesces them, a redirect
 		 * pays a wake-up each. Only if the socket can leave the map
 		 * (a TCP sender left in it pays the sk_msg copy and can see
 		 * spurious EAGAIN on blocking reads).
 		 */
-		if (sockredir_may_leave(&own) && sockredir_go_tcp(flow, &own)) {
+		if (sockredir_may_leave(&own) && sockredir_go_tcp(flags, &own)) {
 			sockredir_count(SOCKREDIR_STAT_DEMOTED_SMALL_WRITES, 1);
 			return sockredir_pass(size);
 		}
-		flow->flags &= ~SOCKREDIR_FLOW_TCP;
-		flow->flags |= SOCKREDIR_FLOW_KEEP;
+		*flags &= ~SOCKREDIR_FLOW_TCP;
+		*flags |= SOCKREDIR_FLOW_KEEP;
 		sockredir_count(SOCKREDIR_STAT_DEMOTION_REFUSED, 1);
 	}
 
-	if (!peer_flow)
-		goto peer_absent;
-	if (!(flow->flags & SOCKREDIR_FLOW_PEER_GATE_OPEN)) {
+	if (!(*flags & SOCKREDIR_FLOW_PEER_GATE_OPEN)) {
 		/* first redirect into the peer: open its gate, unless it closed it */
+		if (!(flow->flags[side ^ 1] & SOCKREDIR_FLOW_ADMITTED))
+			goto peer_absent;
 		sockredir_gates.insert(&peer, &open);
 		gate = sockredir_gates.lookup(&peer);
 		if (!gate || *gate != SOCKREDIR_GATE_OPEN)
 			goto peer_absent;
-		flow->flags |= SOCKREDIR_FLOW_PEER_GATE_OPEN;
+		*flags |= SOCKREDIR_FLOW_PEER_GATE_OPEN;
 	}
 	if (sockredir_hash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS) {
 		sockredir_count(SOCKREDIR_STAT_REDIRECTED_MSGS, 1);
@@ -429,7 +484,7 @@ peer_absent:
 	 * The peer is not in the map (not yet inserted, already gone, left
 	 * for TCP): these bytes go TCP, and so must every later one.
 	 */
-	sockredir_go_tcp(flow, &own);
+	sockredir_go_tcp(flags, &own);
 	sockredir_count(SOCKREDIR_STAT_TCP_PEER_ABSENT, 1);
 	return sockredir_pass(size);
 }

@@ -97,19 +97,23 @@ enum sockredir_stat {
 };
 
 /*
- * Per-socket path state, in sockredir_flows under the socket's own key.
- * Written by the socket's own sk_msg (under its socket lock) and by its
- * sock_ops callbacks; the peer only clears small_streak.
+ * Path state of a connection, in sockredir_flows under its connection key
+ * (sockredir_flow_key(): the endpoint that sorts first is side 0), one
+ * slot per direction, indexed by the sending socket's side: one lookup per
+ * send serves both the sender's state and the reset of its peer's streak.
+ * A side's slot is written by that socket's own sk_msg (under its socket
+ * lock) and sock_ops callbacks; the peer only clears small_streak.
  */
-#define SOCKREDIR_FLOW_TCP		(1U << 0)	/* sends go TCP, for good */
-#define SOCKREDIR_FLOW_REMOVE		(1U << 1)	/* leave the sockhash at the next ACK */
-#define SOCKREDIR_FLOW_PEER_GATE_OPEN	(1U << 2)	/* the peer's rx gate is open to us */
-#define SOCKREDIR_FLOW_KEEP		(1U << 3)	/* cannot leave the map: never demote */
+#define SOCKREDIR_FLOW_ADMITTED		(1U << 0)	/* the socket is in the sockhash */
+#define SOCKREDIR_FLOW_TCP		(1U << 1)	/* its sends go TCP, for good */
+#define SOCKREDIR_FLOW_REMOVE		(1U << 2)	/* leave the sockhash at the next ACK */
+#define SOCKREDIR_FLOW_PEER_GATE_OPEN	(1U << 3)	/* the peer's receive gate is open to us */
+#define SOCKREDIR_FLOW_KEEP		(1U << 4)	/* cannot leave the map: never demote */
 
 struct sockredir_flow {
-	__u32 flags;
+	__u32 flags[2];
 	/* sends below small_bytes in a row, with nothing received between */
-	__u32 small_streak;
+	__u32 small_streak[2];
 };
 
 /*
@@ -170,7 +174,7 @@ SOCKREDIR_SOCKHASH_PINNED(sockredir_hash, struct sockredir_key,
 BPF_TABLE_PINNED("percpu_array", u32, u64, sockredir_stats,
 		 SOCKREDIR_STAT_MAX, BPF_PIN_DIR "/sockredir_stats");
 
-/* Path state of every admitted socket; entries go when the socket closes. */
+/* Path state of every admitted connection; entries go when a side closes. */
 BPF_TABLE_PINNED("hash", struct sockredir_key, struct sockredir_flow,
 		 sockredir_flows, SOCKREDIR_MAP_SIZE, BPF_PIN_DIR "/sockredir_flows");
 
