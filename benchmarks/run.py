@@ -1052,6 +1052,8 @@ def plot(result, png):
     cells = result['cells']
     rows = sorted({c['nodelay'] for c in cells if c['workload'] == 'stream' and c['pairs'] == 1
                    and c['nodelay'] is not None})
+    if not rows:
+        return False
     fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4.5), squeeze=False, sharey=True)
     for ax, nodelay in zip(axes[0], rows):
         for name, style in zip(PATHS, ('o-', 's-', '^--')):
