@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# redis-server, nginx-light, wrk, curl: benchmarks/apps.py. Where the packages start their
+# system services, those are left alone: the benchmark runs its own servers in a netns of its own.
 packages=(python3-bpfcc bpftool clang linux-headers-amd64 socat iperf3 sockperf nftables
-          iproute2 python3-venv python3-pip util-linux procps python3-matplotlib)
+          iproute2 python3-venv python3-pip util-linux procps python3-matplotlib
+          redis-server nginx-light wrk curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
