@@ -20,8 +20,9 @@ several repeats, medians reported:
   redis     redis-server (no persistence) and redis-benchmark, SET and GET,
             50 clients, pipeline 1 and 16: requests/s, p50/p99 latency;
   nginx     nginx (master_process off, daemon off, Debian's sendfile on)
-            serving a 1 KiB and a 1 MiB file, driven by wrk (keep-alive,
-            2 threads, 50 connections): requests/s, p99, non-2xx, socket errors;
+            serving a 1 KiB and a 1 MiB file, and the 1 MiB file once more
+            with sendfile off, driven by wrk (keep-alive, 2 threads, 50
+            connections): requests/s, p99, non-2xx, socket errors;
   iperf3    one stream, default writes (128 KiB) and 1 KiB writes (-l 1K,
             Nagle on): Gbit/s and the retransmits field.
 
@@ -33,7 +34,7 @@ per connection the namespace opened), demotions, sockets removed,
 tcp_peer_absent and not_admitted. A loopback sample proves the opposite: the
 programs saw nothing. After each sample the data itself is checked through
 the same path (a 64 KiB value through redis, the 1 MiB file's sha256 through
-nginx).
+nginx, sendfile on and off).
 
 Writes results.json (every sample) and results.md (the tables, ratios
 redirect/loopback) into --out. Run as root. Nothing leaves the namespace,
@@ -95,8 +96,15 @@ PATH_DEMOTED = 'demoted to TCP'
 CELLS = [
     dict(app='redis', variant='P1', pipeline=1, expect=PATH_REDIRECTED),
     dict(app='redis', variant='P16', pipeline=16, expect=PATH_REDIRECTED),
-    dict(app='nginx', variant='1k.bin', expect=PATH_REDIRECTED),
-    dict(app='nginx', variant='1m.bin', expect=PATH_REDIRECTED),
+    # sendfile on, as Debian's nginx.conf has it; the 1 MiB file also without
+    # (sendfile off in a location of the same server): the body goes through
+    # sendmsg from nginx's buffers instead of splice
+    dict(app='nginx', variant='1k.bin', file='1k.bin', url='/1k.bin', sendfile=True,
+         expect=PATH_REDIRECTED),
+    dict(app='nginx', variant='1m.bin', file='1m.bin', url='/1m.bin', sendfile=True,
+         expect=PATH_REDIRECTED),
+    dict(app='nginx', variant='1m.bin-nosendfile', file='1m.bin', url='/nosendfile/1m.bin',
+         sendfile=False, expect=PATH_REDIRECTED),
     dict(app='iperf3', variant='default', length=None, expect=PATH_REDIRECTED),
     # 1 KiB writes, Nagle on: a stream of small writes, demoted to TCP
     dict(app='iperf3', variant='1K', length=KIB, expect=PATH_DEMOTED),
@@ -236,7 +244,9 @@ def nginx_server(path, cgroup, netns, cpu, workdir, www):
                 '    sendfile on;\n    tcp_nopush on;\n'
                 '    keepalive_requests 100000000;\n    keepalive_timeout 60s;\n'
                 '    default_type application/octet-stream;\n'
-                '    server {\n        listen %(addr)s:%(port)d;\n        root %(www)s;\n    }\n}\n'
+                '    server {\n        listen %(addr)s:%(port)d;\n        root %(www)s;\n'
+                '        location /nosendfile/ {\n            alias %(www)s/;\n'
+                '            sendfile off;\n        }\n    }\n}\n'
                 % dict(home=home, temp=temp, addr=ADDR, port=port, www=www))
     return Server('nginx-%s' % path, ['nginx', '-p', home, '-e', os.path.join(home, 'error.log'),
                                        '-c', conf], cgroup, netns, cpu, port, workdir)
@@ -360,7 +370,7 @@ class Apps(object):
         seconds = self.m['wrk_seconds']
         rc, out, err = self.client(path, ['wrk', '-t', str(WRK_THREADS), '-c', str(CLIENTS),
                                           '-d', '%ds' % seconds, '-s', self.wrk_script,
-                                          'http://%s:%d/%s' % (ADDR, port, cell['variant'])],
+                                          'http://%s:%d%s' % (ADDR, port, cell['url'])],
                                    timeout=seconds + 60)
         try:
             report = json.loads(out.strip().splitlines()[-1])
@@ -370,16 +380,19 @@ class Apps(object):
                       socket_errors=report['connect'] + report['read'] + report['write'] + report['timeout'])
         return dict(wrk=report, errors=errors, requests_per_s=report['requests'] / (report['duration_us'] / 1e6),
                     p50_ms=report['p50_us'] / 1000.0, p99_ms=report['p99_us'] / 1000.0,
-                    file_size=FILES[cell['variant']])
+                    file_size=FILES[cell['file']])
 
     def check_nginx(self, path, port):
-        """The 1 MiB file's sha256 as fetched through the path."""
-        argv = placed(self.cgroups[path], self.netns, self.client_cpu,
-                      ['curl', '-sS', '--fail', '-o', '-', 'http://%s:%d/1m.bin' % (ADDR, port)])
-        proc = subprocess.run(argv, capture_output=True, timeout=30)
-        digest = hashlib.sha256(proc.stdout).hexdigest()
-        return dict(ok=proc.returncode == 0 and digest == self.digests['1m.bin'],
-                    detail=proc.stderr.decode(errors='replace').strip()[-300:])
+        """The 1 MiB file's sha256 as fetched through the path, with sendfile on and off."""
+        failed = []
+        for url in ('/1m.bin', '/nosendfile/1m.bin'):
+            argv = placed(self.cgroups[path], self.netns, self.client_cpu,
+                          ['curl', '-sS', '--fail', '-o', '-', 'http://%s:%d%s' % (ADDR, port, url)])
+            proc = subprocess.run(argv, capture_output=True, timeout=30)
+            if proc.returncode != 0 or hashlib.sha256(proc.stdout).hexdigest() != self.digests['1m.bin']:
+                failed.append('%s: exit %s, %d bytes, %s' % (url, proc.returncode, len(proc.stdout),
+                                                            proc.stderr.decode(errors='replace')[-200:]))
+        return dict(ok=not failed, detail='; '.join(failed))
 
     # -- iperf3
     def run_iperf3(self, cell, path, port):
@@ -499,8 +512,9 @@ def cell_name(cell):
     return '%s %s' % (cell['app'], cell['variant'])
 
 
-def measure(apps, repeats, quiet_wait):
-    results = [dict(cell, name=cell_name(cell), samples={p: [] for p in PATHS}) for cell in CELLS]
+def measure(apps, repeats, quiet_wait, only=None):
+    results = [dict(cell, name=cell_name(cell), samples={p: [] for p in PATHS}) for cell in CELLS
+               if not only or cell['app'] in only]
     quiet = bench.QuietWaiter(quiet_wait)
     disturbed = True
     for r in range(repeats):
@@ -578,7 +592,7 @@ def check_prerequisites():
         raise BenchError('missing tools: %s (scripts/bootstrap.sh installs them)' % ', '.join(missing))
 
 
-def run(mode, out_dir, repeats=None):
+def run(mode, out_dir, repeats=None, only=None):
     m = MODES[mode]
     repeats = repeats or m['repeats']
     check_prerequisites()
@@ -587,7 +601,7 @@ def run(mode, out_dir, repeats=None):
     pinning = bench.cpu_pinning()
     result = dict(mode=mode, host=bench.host_info(), repeats=repeats, clients=CLIENTS,
                   settings=m, pinning=list(pinning) if pinning else None,
-                  versions=tool_versions())
+                  versions=tool_versions(), only=only)
     with contextlib.ExitStack() as stack:
         stack.enter_context(bench.terminate_cleanly())
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix=PREFIX + '-'))
@@ -617,7 +631,7 @@ def run(mode, out_dir, repeats=None):
         # Servers stop before the programs are removed (LIFO).
         with contextlib.ExitStack() as servers:
             apps.start_servers(servers)
-            result['cells'], result['noise'] = measure(apps, repeats, m['quiet_wait'])
+            result['cells'], result['noise'] = measure(apps, repeats, m['quiet_wait'], only)
         cycle['absent'] = bench.remove_with_ansible(ansible, pin_dir, cgroups['redirect'])
         result['ansible'] = cycle
     result['seconds'] = round(time.monotonic() - started, 1)
@@ -674,11 +688,22 @@ def markdown(result):
         % (h['date'], h['kernel'], h['cpus'], h['hypervisor'] or 'bare metal', h['cpu'],
            result['repeats'], *(result['pinning'] or ('-', '-'))), '',
         'Versions: %s.' % ', '.join('%s' % v for v in result['versions'].values() if v), '',
-        '## redis-server + redis-benchmark (%d clients, 3-byte values)' % result['clients'], '',
-        '| test | pipeline | loopback req/s | redirect req/s | ratio | p50 ms lo / redir '
-        '| p99 ms lo / redir | errors lo / redir | path (proof) |',
-        '|---|---|---|---|---|---|---|---|---|',
     ]
+    if 'redis P1' in cells:
+        lines += redis_table(result, cells)
+    if 'nginx 1k.bin' in cells:
+        lines += nginx_table(result, cells)
+    if 'iperf3 default' in cells:
+        lines += iperf3_table(result, cells)
+    lines += proof_table(result)
+    return '\n'.join(lines)
+
+
+def redis_table(result, cells):
+    lines = ['## redis-server + redis-benchmark (%d clients, 3-byte values)' % result['clients'], '',
+             '| test | pipeline | loopback req/s | redirect req/s | ratio | p50 ms lo / redir '
+             '| p99 ms lo / redir | errors lo / redir | path (proof) |',
+             '|---|---|---|---|---|---|---|---|---|']
     for variant in ('P1', 'P16'):
         cell = cells['redis %s' % variant]
         lo, re = cell['median']['loopback'], cell['median']['redirect']
@@ -689,23 +714,33 @@ def markdown(result):
                 fmt(lo['%s_p50_ms' % t], '%.3f'), fmt(re['%s_p50_ms' % t], '%.3f'),
                 fmt(lo['%s_p99_ms' % t], '%.3f'), fmt(re['%s_p99_ms' % t], '%.3f'),
                 errors_cell(cell), proof_cell(cell)))
-    lines += ['', '## nginx + wrk (keep-alive, %d threads, %d connections, %d s)'
-              % (WRK_THREADS, result['clients'], result['settings']['wrk_seconds']), '',
-              '| file | loopback req/s | redirect req/s | ratio | p99 ms lo / redir '
-              '| non-2xx lo / redir | socket errors lo / redir | path (proof) |',
-              '|---|---|---|---|---|---|---|---|']
-    for name in FILES:
-        cell = cells['nginx %s' % name]
+    return lines + ['']
+
+
+def nginx_table(result, cells):
+    lines = ['## nginx + wrk (keep-alive, %d threads, %d connections, %d s)'
+             % (WRK_THREADS, result['clients'], result['settings']['wrk_seconds']), '',
+             '| file | loopback req/s | redirect req/s | ratio | p99 ms lo / redir '
+             '| non-2xx lo / redir | socket errors lo / redir | path (proof) |',
+             '|---|---|---|---|---|---|---|---|']
+    for cell in result['cells']:
+        if cell['app'] != 'nginx':
+            continue
         lo, re = cell['median']['loopback'], cell['median']['redirect']
         lines.append('| %s | %s | %s | %s | %s / %s | %d / %d | %d / %d | %s |' % (
-            name, fmt(lo['requests_per_s']), fmt(re['requests_per_s']),
+            '%s (sendfile %s)' % (cell['file'], 'on' if cell['sendfile'] else 'off'),
+            fmt(lo['requests_per_s']), fmt(re['requests_per_s']),
             fmt_ratio(ratio(cell, 'requests_per_s')), fmt(lo['p99_ms'], '%.2f'),
             fmt(re['p99_ms'], '%.2f'), lo['non_2xx'], re['non_2xx'], lo['socket_errors'],
             re['socket_errors'], proof_cell(cell)))
-    lines += ['', '## iperf3 (one stream, %d s)' % result['settings']['iperf_seconds'], '',
-              '| writes | loopback Gbit/s | redirect Gbit/s | ratio | retransmits lo / redir '
-              '| errors lo / redir | path (proof) |',
-              '|---|---|---|---|---|---|---|']
+    return lines + ['']
+
+
+def iperf3_table(result, cells):
+    lines = ['## iperf3 (one stream, %d s)' % result['settings']['iperf_seconds'], '',
+             '| writes | loopback Gbit/s | redirect Gbit/s | ratio | retransmits lo / redir '
+             '| errors lo / redir | path (proof) |',
+             '|---|---|---|---|---|---|---|']
     for variant, label in (('default', '128 KiB (default)'), ('1K', '1 KiB (-l 1K, Nagle on)')):
         cell = cells['iperf3 %s' % variant]
         lo, re = cell['median']['loopback'], cell['median']['redirect']
@@ -713,15 +748,19 @@ def markdown(result):
             label, fmt(lo['gbit_per_s'], '%.2f'), fmt(re['gbit_per_s'], '%.2f'),
             fmt_ratio(ratio(cell, 'gbit_per_s')), fmt(lo['retransmits']), fmt(re['retransmits']),
             errors_cell(cell), proof_cell(cell)))
-    lines += ['', '## Which path the bytes took: the programs\' counters per redirect cell', '',
-              'Medians of the per-sample deltas, around the load generator alone. connections: '
-              'opened in the namespace (its ActiveOpens, an independent count); every connection '
-              'puts two sockets in the sockhash. lo packets: what the namespace\'s loopback '
-              'device carried, redirect vs loopback.', '',
-              '| cell | connections | inserted | redirected bytes | passed bytes | demoted '
-              '| removed | tcp_peer_absent | not_admitted (peer / early data) '
-              '| lo packets redir / loopback | lo MB redir / loopback | data check | proof |',
-              '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    return lines + ['']
+
+
+def proof_table(result):
+    lines = ['## Which path the bytes took: the programs\' counters per redirect cell', '',
+             'Medians of the per-sample deltas, around the load generator alone. connections: '
+             'opened in the namespace (its ActiveOpens, an independent count); every connection '
+             'puts two sockets in the sockhash. lo packets: what the namespace\'s loopback '
+             'device carried, redirect vs loopback.', '',
+             '| cell | connections | inserted | redirected bytes | passed bytes | demoted '
+             '| removed | tcp_peer_absent | not_admitted (peer / early data) '
+             '| lo packets redir / loopback | lo MB redir / loopback | data check | proof |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for cell in result['cells']:
         re, lo = cell['median']['redirect'], cell['median']['loopback']
         c = re['counters']
@@ -733,27 +772,28 @@ def markdown(result):
             fmt(re['lo_bytes'] / 1e6, '%.1f'), fmt(lo['lo_bytes'] / 1e6, '%.1f'),
             'ok' if re['integrity_ok'] and lo['integrity_ok'] else 'FAILED', proof_cell(cell)))
     lines += ['', 'Proof of a redirected cell: both sockets of every connection inserted; '
-              'redirected bytes within what the application itself reports it moved '
-              '(redis-benchmark\'s operations, wrk\'s bytes read, iperf3\'s bytes); nothing '
-              'demoted or removed; passed to TCP at most one last reply per connection, '
-              'written after its peer had closed (tcp_peer_absent: wrk stops in the middle of '
-              'responses); lo saw at most %d packets per connection (handshake and close) '
-              'and a few per such last send. Proof of the demoted cell: the data connection\'s stream '
-              'of small writes demoted once and its socket removed from the sockhash, most '
-              'bytes over TCP (on lo). Every cell: no not_admitted, no failed insert, no refused '
-              'demotion. Loopback samples: the programs\' counters did not move. Data check: '
-              'a 64 KiB value through redis and the 1 MiB file\'s sha256 through nginx, after '
-              'every sample, on both paths.' % LO_PACKETS_PER_CONNECTION,
-              '', 'Small-write policy of the programs: %(small_streak)d sends under '
-              '%(small_bytes)d bytes in a row, with nothing received, demote a direction.'
-              % result['policy'],
-              '', 'Machine load of others during the samples (median, CPUs): %s. '
-              'Run took %.0f s (ansible-playbook converge %.1f s, state absent %.1f s).' % (
-                  fmt(_median(c['median'][p]['load_others'] for c in result['cells'] for p in PATHS),
-                      '%.2f'),
-                  result['seconds'], result['ansible']['converge']['seconds'],
-                  result['ansible']['absent']['seconds']), '']
-    return '\n'.join(lines)
+             'redirected bytes within what the application itself reports it moved '
+             '(redis-benchmark\'s operations, wrk\'s bytes read, iperf3\'s bytes); nothing '
+             'demoted or removed; passed to TCP at most one last reply per connection, '
+             'written after its peer had closed (tcp_peer_absent: wrk stops in the middle of '
+             'responses); lo saw at most %d packets per connection (handshake and close) '
+             'and a few per such last send. Proof of the demoted cell: the data connection\'s stream '
+             'of small writes demoted once and its socket removed from the sockhash, most '
+             'bytes over TCP (on lo). Every cell: no not_admitted, no failed insert, no refused '
+             'demotion. Loopback samples: the programs\' counters did not move. Data check: '
+             'a 64 KiB value through redis and the 1 MiB file\'s sha256 through nginx (sendfile '
+             'on and off), after '
+             'every sample, on both paths.' % LO_PACKETS_PER_CONNECTION,
+             '', 'Small-write policy of the programs: %(small_streak)d sends under '
+             '%(small_bytes)d bytes in a row, with nothing received, demote a direction.'
+             % result['policy'],
+             '', 'Machine load of others during the samples (median, CPUs): %s. '
+             'Run took %.0f s (ansible-playbook converge %.1f s, state absent %.1f s).' % (
+                 fmt(_median(c['median'][p]['load_others'] for c in result['cells'] for p in PATHS),
+                     '%.2f'),
+                 result['seconds'], result['ansible']['converge']['seconds'],
+                 result['ansible']['absent']['seconds']), '']
+    return lines
 
 
 def main(argv=None):
@@ -766,9 +806,11 @@ def main(argv=None):
     parser.add_argument('--out', default=os.path.join(HERE, 'apps-out'),
                         help='directory for results.json and results.md (default: %(default)s)')
     parser.add_argument('--repeats', type=int, help='runs per cell and path (default: by mode)')
+    parser.add_argument('--only', action='append', choices=sorted(PORTS),
+                        help='measure only this application (repeatable; default: all)')
     args = parser.parse_args(argv)
     try:
-        result, md = run(args.mode or 'quick', args.out, args.repeats)
+        result, md = run(args.mode or 'quick', args.out, args.repeats, args.only)
     except BenchError as e:
         log('failed: %s' % e)
         return 1
