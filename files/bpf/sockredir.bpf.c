@@ -23,8 +23,97 @@
  * Both ends of a connection share the same two ports, so the policy decides
  * the same way for both sockets: either both are in the map or neither is.
  */
-#include <uapi/linux/bpf.h>
-#include "sockredir.h"
+/*
+ * BCC prepends its helpers.h, which defines BPF_TABLE; the object build
+ * (clang -target bpf) has libbpf's headers instead.
+ */
+#ifdef BPF_TABLE
+#include "sockredir_bcc.h"
+
+/*
+ * The map accessors for BCC, which rewrites map method calls only in the
+ * main file (and never inside macros); sockredir_libbpf.h has the same set.
+ */
+static __always_inline __u64 *sockredir_stat_slot(__u32 stat)
+{
+	return sockredir_stats.lookup(&stat);
+}
+
+static __always_inline struct sockredir_flow *sockredir_flow_get(struct sockredir_key *conn)
+{
+	return sockredir_flows.lookup(conn);
+}
+
+static __always_inline long sockredir_flow_put(struct sockredir_key *conn,
+					       struct sockredir_flow *flow, __u64 flags)
+{
+	return flags == BPF_NOEXIST ? sockredir_flows.insert(conn, flow) :
+				      sockredir_flows.update(conn, flow);
+}
+
+static __always_inline void sockredir_flow_forget(struct sockredir_key *conn)
+{
+	sockredir_flows.delete(conn);
+}
+
+static __always_inline __u32 *sockredir_gate_get(struct sockredir_key *key)
+{
+	return sockredir_gates.lookup(key);
+}
+
+/* BPF_NOEXIST: 0 when this call set the gate, an error when it was set */
+static __always_inline long sockredir_gate_set(struct sockredir_key *key, __u32 *gate)
+{
+	return sockredir_gates.insert(key, gate);
+}
+
+static __always_inline void sockredir_gate_forget(struct sockredir_key *key)
+{
+	sockredir_gates.delete(key);
+}
+
+static __always_inline int sockredir_req_seen(struct sockredir_key *key)
+{
+	return sockredir_reqs.lookup(key) != 0;
+}
+
+static __always_inline void sockredir_req_note(struct sockredir_key *key)
+{
+	__u32 one = 1;
+
+	sockredir_reqs.update(key, &one);
+}
+
+static __always_inline void sockredir_req_forget(struct sockredir_key *key)
+{
+	sockredir_reqs.delete(key);
+}
+
+static __always_inline struct sockredir_settings *sockredir_settings_get(void)
+{
+	__u32 zero = 0;
+
+	return sockredir_cfg.lookup(&zero);
+}
+
+static __always_inline long sockredir_sock_insert(struct bpf_sock_ops *skops,
+						  struct sockredir_key *key)
+{
+	return sockredir_hash.sock_hash_update(skops, key, BPF_ANY);
+}
+
+static __always_inline long sockredir_sock_remove(struct sockredir_key *key)
+{
+	return sockredir_hash.delete(key);
+}
+
+static __always_inline int sockredir_redirect(struct sk_msg_md *msg, struct sockredir_key *peer)
+{
+	return sockredir_hash.msg_redirect_hash(msg, peer, BPF_F_INGRESS);
+}
+#else
+#include "sockredir_libbpf.h"
+#endif
 
 #ifndef E2BIG
 #define E2BIG 7
@@ -37,7 +126,7 @@
 
 static __always_inline void sockredir_count(__u32 stat, __u64 n)
 {
-	__u64 *val = sockredir_stats.lookup(&stat);
+	__u64 *val = sockredir_stat_slot(stat);
 
 	/*
 	 * Per-CPU, yet still atomic: these programs run with migration
@@ -224,12 +313,11 @@ static __always_inline int sockredir_passive_request(struct bpf_sock_ops *skops)
 static __always_inline void sockredir_note_request(struct bpf_sock_ops *skops)
 {
 	struct sockredir_key key = {};
-	u32 one = 1;
 
 	if (!sockredir_passive_request(skops) || sockredir_ops_key(skops, &key))
 		return;
 	if (sockredir_policy_allows(&key))
-		sockredir_reqs.update(&key, &one);
+		sockredir_req_note(&key);
 }
 
 /*
@@ -253,12 +341,12 @@ static __always_inline int sockredir_admissible(struct bpf_sock_ops *skops,
 	}
 	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
 		sockredir_mirror(key, &peer);
-		if (!sockredir_reqs.lookup(&peer))
+		if (!sockredir_req_seen(&peer))
 			goto not_ours;
 		return 1;
 	}
-	sockredir_reqs.delete(key);
-	flow = sockredir_flows.lookup(conn);
+	sockredir_req_forget(key);
+	flow = sockredir_flow_get(conn);
 	if (!flow || !(flow->flags[side ^ 1] & SOCKREDIR_FLOW_ADMITTED))
 		goto not_ours;
 	return 1;
@@ -278,19 +366,19 @@ static __always_inline void sockredir_admit(struct bpf_sock_ops *skops,
 	if (!sockredir_policy_allows(key) || !sockredir_admissible(skops, key, &conn, side))
 		return;
 	/* a stale gate of an earlier socket with the same key must not count */
-	sockredir_gates.delete(key);
+	sockredir_gate_forget(key);
 	/* the connecting side is first: it starts the connection's entry */
 	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    sockredir_flows.update(&conn, &fresh)) {
+	    sockredir_flow_put(&conn, &fresh, BPF_ANY)) {
 		sockredir_count(SOCKREDIR_STAT_INSERT_FAILED, 1);
 		return;
 	}
-	flow = sockredir_flows.lookup(&conn);
+	flow = sockredir_flow_get(&conn);
 	if (!flow) {
 		sockredir_count(SOCKREDIR_STAT_INSERT_FAILED, 1);
 		return;
 	}
-	err = sockredir_hash.sock_hash_update(skops, key, BPF_ANY);
+	err = sockredir_sock_insert(skops, key);
 	if (err) {
 		sockredir_count(err == -E2BIG ? SOCKREDIR_STAT_INSERT_FULL :
 				SOCKREDIR_STAT_INSERT_FAILED, 1);
@@ -313,13 +401,13 @@ static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
 {
 	struct sockredir_key conn = {};
 	int side = sockredir_flow_key(key, &conn) & 1;
-	struct sockredir_flow *flow = sockredir_flows.lookup(&conn);
+	struct sockredir_flow *flow = sockredir_flow_get(&conn);
 
 	if (!flow || !(flow->flags[side] & SOCKREDIR_FLOW_TCP))
 		return;
 	if (flow->flags[side] & SOCKREDIR_FLOW_REMOVE) {
 		/* its gate is closed and was never open: its queue is empty */
-		if (!sockredir_hash.delete(key))
+		if (!sockredir_sock_remove(key))
 			sockredir_count(SOCKREDIR_STAT_REMOVED, 1);
 		flow->flags[side] &= ~(SOCKREDIR_FLOW_REMOVE | SOCKREDIR_FLOW_ADMITTED);
 	}
@@ -332,10 +420,11 @@ static __always_inline void sockredir_forget(struct sockredir_key *key)
 	struct sockredir_key conn = {};
 
 	sockredir_flow_key(key, &conn);
-	sockredir_flows.delete(&conn);
-	sockredir_gates.delete(key);
+	sockredir_flow_forget(&conn);
+	sockredir_gate_forget(key);
 }
 
+SOCKREDIR_PROG("sockops")
 int sockredir_ops(struct bpf_sock_ops *skops)
 {
 	struct sockredir_key key = {};
@@ -370,13 +459,13 @@ int sockredir_ops(struct bpf_sock_ops *skops)
  */
 static __always_inline int sockredir_go_tcp(__u32 *flags, struct sockredir_key *own)
 {
-	u32 closed = SOCKREDIR_GATE_CLOSED;
-	u32 *gate;
+	__u32 closed = SOCKREDIR_GATE_CLOSED;
+	__u32 *gate;
 
 	*flags |= SOCKREDIR_FLOW_TCP;
-	if (!sockredir_gates.insert(own, &closed))
+	if (!sockredir_gate_set(own, &closed))
 		goto removable;
-	gate = sockredir_gates.lookup(own);
+	gate = sockredir_gate_get(own);
 	if (gate && *gate == SOCKREDIR_GATE_CLOSED)
 		goto removable;
 	return 0;
@@ -388,7 +477,7 @@ removable:
 /* Would leaving the map be safe now? Then the small-write switch may go. */
 static __always_inline int sockredir_may_leave(struct sockredir_key *own)
 {
-	u32 *gate = sockredir_gates.lookup(own);
+	__u32 *gate = sockredir_gate_get(own);
 
 	return !gate || *gate == SOCKREDIR_GATE_CLOSED;
 }
@@ -400,22 +489,22 @@ static __always_inline int sockredir_pass(__u64 size)
 	return SK_PASS;
 }
 
+SOCKREDIR_PROG("sk_msg")
 int sockredir_msg(struct sk_msg_md *msg)
 {
 	struct sockredir_key peer = {}, own = {}, conn = {};
 	struct sockredir_flow *flow, fresh = {};
 	struct sockredir_settings *cfg;
 	__u64 size = msg->size;
-	u32 zero = 0, open = SOCKREDIR_GATE_OPEN, small_bytes, small_streak;
-	__u32 *flags, *streak;
-	u32 *gate;
+	__u32 open = SOCKREDIR_GATE_OPEN, small_bytes, small_streak;
+	__u32 *flags, *streak, *gate;
 	int side;
 
 	if (sockredir_msg_peer_key(msg, &peer))
 		return sockredir_pass(size);
 	sockredir_mirror(&peer, &own);
 	side = sockredir_flow_key(&own, &conn) & 1;
-	flow = sockredir_flows.lookup(&conn);
+	flow = sockredir_flow_get(&conn);
 	if (!flow) {
 		/*
 		 * Gone with the peer's close (sockets inserted by an older
@@ -425,8 +514,8 @@ int sockredir_msg(struct sk_msg_md *msg)
 			fresh.flags[1] = SOCKREDIR_FLOW_ADMITTED;
 		else
 			fresh.flags[0] = SOCKREDIR_FLOW_ADMITTED;
-		sockredir_flows.insert(&conn, &fresh);
-		flow = sockredir_flows.lookup(&conn);
+		sockredir_flow_put(&conn, &fresh, BPF_NOEXIST);
+		flow = sockredir_flow_get(&conn);
 		if (!flow)
 			return sockredir_pass(size);
 	}
@@ -442,7 +531,7 @@ int sockredir_msg(struct sk_msg_md *msg)
 	if (*flags & SOCKREDIR_FLOW_TCP)
 		return sockredir_pass(size);
 
-	cfg = sockredir_cfg.lookup(&zero);
+	cfg = sockredir_settings_get();
 	small_bytes = cfg && cfg->small_bytes ? cfg->small_bytes : SOCKREDIR_SMALL_BYTES;
 	small_streak = cfg && cfg->small_streak ? cfg->small_streak : SOCKREDIR_SMALL_STREAK;
 	if (size >= small_bytes) {
@@ -467,13 +556,13 @@ int sockredir_msg(struct sk_msg_md *msg)
 		/* first redirect into the peer: open its gate, unless it closed it */
 		if (!(flow->flags[side ^ 1] & SOCKREDIR_FLOW_ADMITTED))
 			goto peer_absent;
-		sockredir_gates.insert(&peer, &open);
-		gate = sockredir_gates.lookup(&peer);
+		sockredir_gate_set(&peer, &open);
+		gate = sockredir_gate_get(&peer);
 		if (!gate || *gate != SOCKREDIR_GATE_OPEN)
 			goto peer_absent;
 		*flags |= SOCKREDIR_FLOW_PEER_GATE_OPEN;
 	}
-	if (sockredir_hash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS) {
+	if (sockredir_redirect(msg, &peer) == SK_PASS) {
 		sockredir_count(SOCKREDIR_STAT_REDIRECTED_MSGS, 1);
 		sockredir_count(SOCKREDIR_STAT_REDIRECTED_BYTES, size);
 		return SK_PASS;
@@ -489,5 +578,4 @@ peer_absent:
 	return sockredir_pass(size);
 }
 
-/* BCC's footer emits the license section from this (GPL is its default). */
-#define BPF_LICENSE GPL
+SOCKREDIR_LICENSE

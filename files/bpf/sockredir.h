@@ -1,25 +1,23 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * Shared definitions of the socket redirection programs: the sockhash key,
- * the counter indices and the two pinned maps.
+ * the counter indices, the per-connection state and the run-time settings.
+ * The maps themselves are declared once per loader: sockredir_bcc.h (BCC
+ * compiles on the host) and sockredir_libbpf.h (clang builds an object once,
+ * libbpf loads it); both give the program body the same accessors.
  *
  * The key is the contract between the two programs: sockredir_ops inserts a
  * socket under its own key, sockredir_msg looks up the peer under the mirrored
  * key. Both must build it the same way, so the layout and the byte order of
  * every field are fixed here.
  *
- * Compiled by BCC. The loader passes:
- *   BPF_PIN_DIR         string literal, bpffs directory the maps pin in
- *   SOCKREDIR_MAP_SIZE  max entries of the sockhash (default 65535)
+ *   SOCKREDIR_MAP_SIZE  max entries of the sockhash and the per-connection
+ *                       maps (default 65535; the object loader may resize)
  */
 #ifndef __SOCKREDIR_H
 #define __SOCKREDIR_H
 
 #include <linux/types.h>
-
-#ifndef BPF_PIN_DIR
-#error "BPF_PIN_DIR is not defined: pass -DBPF_PIN_DIR=\"/sys/fs/bpf/<dir>\" (a string literal naming a bpffs directory)"
-#endif
 
 #ifndef SOCKREDIR_MAP_SIZE
 #define SOCKREDIR_MAP_SIZE 65535
@@ -144,53 +142,5 @@ struct sockredir_settings {
 #ifndef SOCKREDIR_SMALL_STREAK
 #define SOCKREDIR_SMALL_STREAK 16
 #endif
-
-/*
- * BCC 0.26's BPF_TABLE_PINNED() declares the generic table struct, which has
- * no sock_hash_update / msg_redirect_hash members, so a pinned sockhash
- * declared with it cannot call them. This is BCC's BPF_SOCKHASH() struct
- * with the "<type>:<pin path>" section BPF_TABLE_PINNED() would emit: BCC
- * creates and pins the map when the path is missing and reuses it when
- * present, so a reload keeps the sockets already in the map.
- */
-#define SOCKREDIR_SOCKHASH_PINNED(_name, _key_type, _max_entries, _pinned)	\
-struct _name##_table_t {							\
-	_key_type key;								\
-	int leaf;								\
-	int (*update)(_key_type *, int *);					\
-	int (*delete)(_key_type *);						\
-	int (*sock_hash_update)(void *, void *, u64);				\
-	int (*msg_redirect_hash)(void *, void *, u64);				\
-	int (*sk_redirect_hash)(void *, void *, u64);				\
-	u32 max_entries;							\
-};										\
-__attribute__((section("maps/sockhash:" _pinned)))				\
-struct _name##_table_t _name = { .max_entries = (_max_entries) };		\
-BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
-
-SOCKREDIR_SOCKHASH_PINNED(sockredir_hash, struct sockredir_key,
-			  SOCKREDIR_MAP_SIZE, BPF_PIN_DIR "/sockredir_hash");
-
-BPF_TABLE_PINNED("percpu_array", u32, u64, sockredir_stats,
-		 SOCKREDIR_STAT_MAX, BPF_PIN_DIR "/sockredir_stats");
-
-/* Path state of every admitted connection; entries go when a side closes. */
-BPF_TABLE_PINNED("hash", struct sockredir_key, struct sockredir_flow,
-		 sockredir_flows, SOCKREDIR_MAP_SIZE, BPF_PIN_DIR "/sockredir_flows");
-
-/* Receive gates (SOCKREDIR_GATE_*); entries go when the socket closes. */
-BPF_TABLE_PINNED("hash", struct sockredir_key, u32, sockredir_gates,
-		 SOCKREDIR_MAP_SIZE, BPF_PIN_DIR "/sockredir_gates");
-
-/*
- * Connection requests a listener of ours has seen (its own key): the proof,
- * for the connecting side, that its peer is a socket of this host, in this
- * netns, under these programs. LRU: requests that never complete age out.
- */
-BPF_TABLE_PINNED("lru_hash", struct sockredir_key, u32, sockredir_reqs,
-		 SOCKREDIR_MAP_SIZE, BPF_PIN_DIR "/sockredir_reqs");
-
-BPF_TABLE_PINNED("array", u32, struct sockredir_settings, sockredir_cfg,
-		 1, BPF_PIN_DIR "/sockredir_cfg");
 
 #endif /* __SOCKREDIR_H */

@@ -128,6 +128,7 @@ class ProgramSet(object):
             reasons.append('no record of a load into %s' % self.pin_dir)
         elif record.get('digest') != digest:
             reasons.append('source or options changed')
+        used = set()  # a map may serve one program only (sk_msg alone reads the settings)
         for p in self.programs:
             got = now['programs'][p['name']]
             if got is None:
@@ -137,12 +138,12 @@ class ProgramSet(object):
             elif record and record.get('programs', {}).get(p['name']) != dict(id=got['id'], tag=got['tag']):
                 reasons.append('program at %s is not the one recorded' % self.pin(p['name']))
             else:
-                for m, info in now['maps'].items():
-                    if info is not None and info['id'] not in got['map_ids']:
-                        reasons.append('program %s does not use the pinned map %s' % (p['name'], m))
+                used.update(got['map_ids'])
         for m, info in now['maps'].items():
             if info is None:
                 reasons.append('map pin %s is missing' % self.pin(m))
+            elif not reasons and info['id'] not in used:
+                reasons.append('no program uses the pinned map %s' % m)
         return reasons
 
     # -- changing ----------------------------------------------------------

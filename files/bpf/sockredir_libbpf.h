@@ -1,0 +1,153 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The maps of the socket redirection programs with BTF definitions, for the
+ * object built once by clang (scripts/build-bpf.sh) and loaded by libbpf,
+ * and the accessors the program body (sockredir.bpf.c) uses. Same maps,
+ * names and shapes as sockredir_bcc.h: a host can move between the loaders
+ * and keep its pinned maps (and the sockets in them).
+ *
+ * Every map pins by name under the pin root the loader gives libbpf
+ * (pin_root_path): a map already pinned there with the same shape is reused,
+ * so a reload keeps the sockets in the sockhash.
+ */
+#ifndef __SOCKREDIR_LIBBPF_H
+#define __SOCKREDIR_LIBBPF_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "sockredir.h"
+
+#define SOCKREDIR_PROG(section) SEC(section)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, SOCKREDIR_MAP_SIZE);
+	__type(key, struct sockredir_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sockredir_hash SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SOCKREDIR_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sockredir_stats SEC(".maps");
+
+/* Path state of every admitted connection; entries go when a side closes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SOCKREDIR_MAP_SIZE);
+	__type(key, struct sockredir_key);
+	__type(value, struct sockredir_flow);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sockredir_flows SEC(".maps");
+
+/* Receive gates (SOCKREDIR_GATE_*); entries go when the socket closes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SOCKREDIR_MAP_SIZE);
+	__type(key, struct sockredir_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sockredir_gates SEC(".maps");
+
+/* Connection requests a listener of ours has seen (see sockredir_bcc.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SOCKREDIR_MAP_SIZE);
+	__type(key, struct sockredir_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sockredir_reqs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sockredir_settings);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sockredir_cfg SEC(".maps");
+
+static __always_inline __u64 *sockredir_stat_slot(__u32 stat)
+{
+	return bpf_map_lookup_elem(&sockredir_stats, &stat);
+}
+
+static __always_inline struct sockredir_flow *sockredir_flow_get(struct sockredir_key *conn)
+{
+	return bpf_map_lookup_elem(&sockredir_flows, conn);
+}
+
+static __always_inline long sockredir_flow_put(struct sockredir_key *conn,
+					       struct sockredir_flow *flow, __u64 flags)
+{
+	return bpf_map_update_elem(&sockredir_flows, conn, flow, flags);
+}
+
+static __always_inline void sockredir_flow_forget(struct sockredir_key *conn)
+{
+	bpf_map_delete_elem(&sockredir_flows, conn);
+}
+
+static __always_inline __u32 *sockredir_gate_get(struct sockredir_key *key)
+{
+	return bpf_map_lookup_elem(&sockredir_gates, key);
+}
+
+/* BPF_NOEXIST: 0 when this call set the gate, an error when it was set */
+static __always_inline long sockredir_gate_set(struct sockredir_key *key, __u32 *gate)
+{
+	return bpf_map_update_elem(&sockredir_gates, key, gate, BPF_NOEXIST);
+}
+
+static __always_inline void sockredir_gate_forget(struct sockredir_key *key)
+{
+	bpf_map_delete_elem(&sockredir_gates, key);
+}
+
+static __always_inline int sockredir_req_seen(struct sockredir_key *key)
+{
+	return bpf_map_lookup_elem(&sockredir_reqs, key) != 0;
+}
+
+static __always_inline void sockredir_req_note(struct sockredir_key *key)
+{
+	__u32 one = 1;
+
+	bpf_map_update_elem(&sockredir_reqs, key, &one, BPF_ANY);
+}
+
+static __always_inline void sockredir_req_forget(struct sockredir_key *key)
+{
+	bpf_map_delete_elem(&sockredir_reqs, key);
+}
+
+static __always_inline struct sockredir_settings *sockredir_settings_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&sockredir_cfg, &zero);
+}
+
+static __always_inline long sockredir_sock_insert(struct bpf_sock_ops *skops,
+						  struct sockredir_key *key)
+{
+	return bpf_sock_hash_update(skops, &sockredir_hash, key, BPF_ANY);
+}
+
+static __always_inline long sockredir_sock_remove(struct sockredir_key *key)
+{
+	return bpf_map_delete_elem(&sockredir_hash, key);
+}
+
+static __always_inline int sockredir_redirect(struct sk_msg_md *msg, struct sockredir_key *peer)
+{
+	return bpf_msg_redirect_hash(msg, &sockredir_hash, peer, BPF_F_INGRESS);
+}
+
+#define SOCKREDIR_LICENSE char _license[] SEC("license") = "GPL";
+
+#endif /* __SOCKREDIR_LIBBPF_H */
