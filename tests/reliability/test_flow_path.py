@@ -160,6 +160,53 @@ def test_first_send_before_the_peer_is_inserted_stays_tcp(redirection, netns):
     assert d['removed'] >= 50, d                  # and the client left the map at its first ACK
 
 
+def test_first_sends_racing_the_handshake_under_load(redirection, netns):
+    """400 connections from 16 threads at once, each writing the moment connect() returns,
+    while the accept()ing side is busy: whichever path each flow takes, its bytes arrive in order."""
+    per_thread, threads, chunks = 25, 16, 16
+    results, errors = [], []
+    with kit.SocketFactory(redirection.cgroup, netns) as f:
+        listener = f.listen('127.0.0.1')
+        port = listener.getsockname()[1]
+
+        def client_thread():
+            try:
+                for _ in range(per_thread):
+                    client = blocking(f.connect('4', '127.0.0.1', port))
+                    for i in range(chunks):
+                        client.sendall(records(i * 4, 4))
+                    client.shutdown(socket.SHUT_WR)
+                    client.recv(1)                # the server's close
+                    client.close()
+            except OSError as e:
+                errors.append(repr(e))
+
+        def serve_one(accepted):
+            try:
+                results.append(sequence_of(read_to_eof(blocking(accepted))) == list(range(chunks * 4)))
+            finally:
+                accepted.close()
+
+        before = redirection.counters()
+        clients = [threading.Thread(target=client_thread) for _ in range(threads)]
+        for t in clients:
+            t.start()
+        servers = []
+        for _ in range(per_thread * threads):
+            accepted, _ = listener.accept()
+            servers.append(threading.Thread(target=serve_one, args=(accepted,)))
+            servers[-1].start()
+        for t in clients + servers:
+            t.join(60)
+        listener.close()
+    d = kit.delta(before, redirection.counters())
+    assert errors == []
+    assert results.count(True) == per_thread * threads, results.count(False)
+    # every flow was decided one way or the other, and most were redirected
+    assert d['inserted'] + d['not_admitted_peer'] + d['not_admitted_early_data'] == 2 * 400, d
+    assert d['redirected_bytes'] > 0, d
+
+
 def test_peer_on_another_host_is_not_admitted_and_reads_never_fail(redirection):
     """The peer is in another namespace over veth: the client never enters the map, and its
     blocking reads never see the spurious EAGAIN of a socket in the map fed by TCP."""
