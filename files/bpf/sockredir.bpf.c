@@ -395,23 +395,38 @@ static __always_inline void sockredir_admit(struct bpf_sock_ops *skops,
 				  BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
-/* An ACK for a socket of ours: if it now sends over TCP, let it go. */
+/*
+ * An ACK for a socket of ours: if it sends over TCP, it should leave the
+ * map (its sends skip the sk_msg copy; its blocking reads can no longer see
+ * the spurious EAGAIN of a socket in a sockhash fed by TCP). Deleting drops
+ * the socket's unread redirected bytes, so only when it has none and will
+ * get none: its gate was closed before anything was redirected into it, or
+ * its peer redirects no more and its queue is empty.
+ */
 static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
 					     struct sockredir_key *key)
 {
 	struct sockredir_key conn = {};
 	int side = sockredir_flow_key(key, &conn) & 1;
 	struct sockredir_flow *flow = sockredir_flow_get(&conn);
+	__u32 peer;
 
 	if (!flow || !(flow->flags[side] & SOCKREDIR_FLOW_TCP))
 		return;
-	if (flow->flags[side] & SOCKREDIR_FLOW_REMOVE) {
-		/* its gate is closed and was never open: its queue is empty */
-		if (!sockredir_sock_remove(key))
-			sockredir_count(SOCKREDIR_STAT_REMOVED, 1);
-		flow->flags[side] &= ~(SOCKREDIR_FLOW_REMOVE | SOCKREDIR_FLOW_ADMITTED);
+	peer = flow->flags[side ^ 1];
+	if (!(flow->flags[side] & SOCKREDIR_FLOW_REMOVE)) {
+		if (!SOCKREDIR_SEES_INGRESS) {
+			/* can never tell: stop the callbacks, keep STATE for the clean-up */
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+			return;
+		}
+		if (((peer & SOCKREDIR_FLOW_ADMITTED) && !(peer & SOCKREDIR_FLOW_TCP)) ||
+		    !sockredir_ingress_empty(skops))
+			return;	/* ask again at the next ACK */
 	}
-	/* nothing left to do on ACKs; keep STATE for the clean-up */
+	if (!sockredir_sock_remove(key))
+		sockredir_count(SOCKREDIR_STAT_REMOVED, 1);
+	flow->flags[side] &= ~(SOCKREDIR_FLOW_REMOVE | SOCKREDIR_FLOW_ADMITTED);
 	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
@@ -536,7 +551,8 @@ int sockredir_msg(struct sk_msg_md *msg)
 	small_streak = cfg && cfg->small_streak ? cfg->small_streak : SOCKREDIR_SMALL_STREAK;
 	if (size >= small_bytes) {
 		*streak = 0;
-	} else if (++*streak >= small_streak && !(*flags & SOCKREDIR_FLOW_KEEP)) {
+	} else if (++*streak >= small_streak && SOCKREDIR_SEES_INGRESS &&
+		   !(*flags & SOCKREDIR_FLOW_KEEP)) {
 		/*
 		 * A stream of small writes: TCP coalesces them, a redirect
 		 * pays a wake-up each. Only if the socket can leave the map

@@ -21,6 +21,19 @@
 #define SOCKREDIR_PROG(section)
 
 /*
+ * BCC compiles against header files, not the running kernel's BTF: it cannot
+ * read the psock's queue portably (sockredir_libbpf.h can). Without that, a
+ * receiver of a switched stream could never leave the map, so the small-write
+ * switch is off here.
+ */
+#define SOCKREDIR_SEES_INGRESS 0
+
+static __always_inline int sockredir_ingress_empty(struct bpf_sock_ops *skops)
+{
+	return 0;
+}
+
+/*
  * BCC 0.26's BPF_TABLE_PINNED() declares the generic table struct, which has
  * no sock_hash_update / msg_redirect_hash members, so a pinned sockhash
  * declared with it cannot call them. This is BCC's BPF_SOCKHASH() struct

@@ -16,6 +16,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 #include "sockredir.h"
 
 #define SOCKREDIR_PROG(section) SEC(section)
@@ -146,6 +147,52 @@ static __always_inline long sockredir_sock_remove(struct sockredir_key *key)
 static __always_inline int sockredir_redirect(struct sk_msg_md *msg, struct sockredir_key *peer)
 {
 	return bpf_msg_redirect_hash(msg, &sockredir_hash, peer, BPF_F_INGRESS);
+}
+
+/*
+ * The two kernel fields sockredir_ingress_empty() reads, relocated by libbpf
+ * against the running kernel's BTF (CO-RE): a different layout is fine, a
+ * kernel without them fails the load instead of reading the wrong bytes.
+ */
+struct sockredir_list_head {
+	struct sockredir_list_head *next;
+};
+struct sock___sockredir {
+	void *sk_user_data;
+} __attribute__((preserve_access_index));
+struct sk_psock___sockredir {
+	struct sockredir_list_head ingress_msg;
+} __attribute__((preserve_access_index));
+
+/* the low bits of sk_user_data are flags (SK_USER_DATA_NOCOPY, _BPF, _PSOCK) */
+#define SOCKREDIR_USER_DATA_PTRMASK (~7UL)
+
+#define SOCKREDIR_SEES_INGRESS 1
+
+/*
+ * Is the socket's queue of redirected bytes (its psock's ingress_msg) empty?
+ * 0 when it cannot tell. Once the peer no longer redirects, an empty queue
+ * stays empty, and the socket can leave the sockhash without dropping a byte.
+ */
+static __always_inline int sockredir_ingress_empty(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *bsk = skops->sk;
+	struct sock___sockredir *sk;
+	struct sk_psock___sockredir *psock;
+	struct sockredir_list_head *next = 0;
+	void *user_data = 0;
+
+	if (!bsk)
+		return 0;
+	/* perfmon-gated helper: the loader runs as root */
+	sk = (struct sock___sockredir *)bpf_skc_to_tcp_sock(bsk);
+	if (!sk || bpf_core_read(&user_data, sizeof(user_data), &sk->sk_user_data) || !user_data)
+		return 0;
+	psock = (struct sk_psock___sockredir *)((unsigned long)user_data & SOCKREDIR_USER_DATA_PTRMASK);
+	if (bpf_core_read(&next, sizeof(next), &psock->ingress_msg.next))
+		return 0;
+	return next == (struct sockredir_list_head *)
+		       __builtin_preserve_access_index(&psock->ingress_msg);
 }
 
 #define SOCKREDIR_LICENSE char _license[] SEC("license") = "GPL";
