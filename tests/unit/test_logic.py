@@ -105,7 +105,7 @@ MAP = dict(id=9)
     (dict(programs={'p': PROG}, maps={'m': MAP}), dict(digest='d', programs={'p': dict(id=6, tag='aa')}),
      'd', ['not the one recorded']),
     (dict(programs={'p': PROG}, maps={'m': dict(id=10)}), dict(digest='d', programs={'p': dict(id=5, tag='aa')}),
-     'd', ['does not use the pinned map']),
+     'd', ['uses the pinned map']),
     (dict(programs={'p': PROG}, maps={'m': None}), dict(digest='d', programs={'p': dict(id=5, tag='aa')}),
      'd', ['map pin /sys/fs/bpf/x/m is missing']),
 ])
