@@ -57,8 +57,15 @@ class ObjectSet(program.ProgramSet):
                     raise BpfError('programs[%d].type: %s declares %s as %s (its SEC() name), not %s'
                                    % (i, obj_path, p['name'], declared_progs[p['name']], p.get('type')),
                                    param='programs')
-        else:
-            programs = [dict(name=n, type=t) for n, t in sorted(declared_progs.items())]
+            # All of them: a map only an unlisted program used would be pinned yet unused, and an
+            # unused pinned map is how a replaced map shows (ProgramSet.reload_reasons).
+            missing = sorted(set(declared_progs) - set(p['name'] for p in programs))
+            if missing:
+                raise BpfError('programs: %s also has %s; list every program of the object, or leave '
+                               'programs out to load them all' % (obj_path, ', '.join(missing)),
+                               param='programs')
+        # Listed or not, the same load: the same digest.
+        programs = [dict(name=n, type=t) for n, t in sorted(declared_progs.items())]
         for i, m in enumerate(maps or []):
             if m not in self.declared_maps:
                 raise BpfError('maps[%d]: %s defines no map %r (it defines %s)'
