@@ -205,13 +205,14 @@ def test_config_map_update_keeps_programs_and_the_redirected_connection(play, pi
         def round_trip():
             echo.stdin.write('hello\n')
             echo.stdin.flush()
-            assert echo.stdout.readline().strip() == 'ok'
+            line = echo.stdout.readline().strip()
+            assert line == 'ok', (line, echo.poll())
 
         hostenv._wait_until(lambda: counters(pin_dir)[2] >= 2, 10, 'both sockets inserted')
         c0 = counters(pin_dir)
         round_trip()
         c1 = counters(pin_dir)
-        assert c1[0] - c0[0] == 2 and c1[1] == c0[1]  # both sends redirected
+        assert c1[0] - c0[0] == 2 and c1[1] == c0[1], (c0, c1)  # both sends redirected
 
         path = pin_dir + '/test_config'
         check = mapvalues.write_array(path, config(1), check_mode=True, want_diff=True)
@@ -223,12 +224,12 @@ def test_config_map_update_keeps_programs_and_the_redirected_connection(play, pi
 
         round_trip()  # same connection, now over TCP
         c2 = counters(pin_dir)
-        assert c2[0] == c1[0] and c2[1] - c1[1] == 2
+        assert c2[0] == c1[0] and c2[1] - c1[1] == 2, (c1, c2)
 
         assert mapvalues.write_array(path, config(0))['changed']
         round_trip()  # and redirected again
         c3 = counters(pin_dir)
-        assert c3[0] - c2[0] == 2 and c3[1] == c2[1]
+        assert c3[0] - c2[0] == 2 and c3[1] == c2[1], (c2, c3)
         assert c3[2] == c0[2]  # no reconnect happened
 
         assert kernel_ids(pin_dir) == ids_before

@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import libbpf, loader, pins, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils import libbpf, pins, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils.capture import captured_output
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
 SHAPE = ('type', 'key_size', 'value_size', 'max_entries', 'flags')
@@ -75,7 +76,7 @@ class ObjectSet(program.ProgramSet):
                                         recreate_maps=recreate_maps, record_dir=record_dir)
 
     def _open(self):
-        with loader.captured_output() as out:
+        with captured_output() as out:
             try:
                 obj = libbpf.BpfObject(self.obj_path)
                 err = None
@@ -147,7 +148,7 @@ class ObjectSet(program.ProgramSet):
                     with libbpf.Fd(libbpf.obj_get(self.pin(m))) as fd:
                         obj.reuse_map(maps[m], fd)
                     reused.add(m)
-            with loader.captured_output() as out:
+            with captured_output() as out:
                 try:
                     obj.load()
                     err = None
