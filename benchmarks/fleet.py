@@ -202,6 +202,9 @@ class Fleet(object):
             for sock in os.listdir(self.control_dir):
                 subprocess.run(['ssh', '-o', 'ControlPath=%s' % os.path.join(self.control_dir, sock),
                                 '-O', 'exit', 'fleet'], capture_output=True)
+        # Whatever still names the state dir was started for this fleet (an interrupted ansible's
+        # workers and their ssh): end those by pid.
+        step('end processes of the fleet', _kill_pids, _pids_naming(self.dir))
         for h in st['hosts']:
             pid = st['pids'].get(h['name'])
             if pid:
@@ -238,6 +241,41 @@ def _kill_wait(pid, timeout=5):
                 return
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
+
+
+def _pids_naming(text):
+    pids = []
+    for pid in os.listdir('/proc'):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open('/proc/%s/cmdline' % pid, 'rb') as f:
+                if text.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def _kill_pids(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for _ in range(50):
+        if not [p for p in pids if os.path.exists('/proc/%d' % p) and not _zombie(p)]:
+            return
+        time.sleep(0.1)
+    raise RuntimeError('pids %s did not exit' % pids)
+
+
+def _zombie(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except OSError:
+        return True
 
 
 def _kill_netns(netns):
@@ -284,9 +322,25 @@ def _rmdir_if_empty(path):
         os.rmdir(path)
 
 
+def run_group(cmd, env, capture=True):
+    """subprocess.run in a process group of its own: interrupted, the whole group is killed."""
+    kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) if capture else {}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def timed(cmd, env):
     start = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = run_group(cmd, env)
     return proc, round(time.monotonic() - start, 2)
 
 
@@ -296,8 +350,8 @@ def demo(fleet, forks):
     out = dict(hosts=n, forks=forks)
     for label in ('ping_cold', 'ping_warm'):
         proc, secs = timed(['ansible', 'all', '-i', fleet.inventory, '-m', 'ansible.builtin.ping',
-                            '-f', str(forks), '-o'], env)
-        ok = proc.stdout.count('SUCCESS')
+                            '-f', str(forks)], env)
+        ok = proc.stdout.count(' | SUCCESS')
         if proc.returncode or ok != n:
             raise RuntimeError('ping: %d of %d hosts answered:\n%s%s' % (ok, n, proc.stdout, proc.stderr))
         out[label + '_s'] = secs
@@ -327,7 +381,8 @@ def leftovers(fid):
     found += [n for n in os.listdir(cgroup2_mount()) if fid in n]
     found += [n for n in os.listdir(BPFFS) if fid in n]
     found += [n for n in os.listdir(STATE_ROOT) if fid in n]
-    found += ['pid %s' % p for p in sh('pgrep', '-f', 'fleet-%s' % fid, check=False, capture=True).stdout.split()]
+    found += ['pid %s' % p for p in sh('pgrep', '-f', 'fleet-%s' % fid, check=False, capture=True).stdout.split()
+              if int(p) != os.getpid()]  # `down STATE_DIR` names the fleet itself
     return found
 
 
@@ -374,7 +429,7 @@ def main():
             result.update(demo(fleet, args.forks))
         else:
             command = args.command[1:] if args.command[:1] == ['--'] else args.command
-            rc = subprocess.run(command, env=fleet.env()).returncode
+            rc = run_group(command, fleet.env(), capture=False).returncode
             result['command_rc'] = rc
     finally:
         if not keep:
