@@ -14,7 +14,7 @@ description:
   - Compiles a restricted-C source with BCC (the iovisor bindings, Debian package C(python3-bpfcc)),
     loads the named programs into the kernel and pins each at O(pin_dir)/<name>.
   - Or, with O(object), loads a prebuilt BPF ELF object (C(clang -target bpf), libbpf-style BTF map
-    definitions and C(SEC()) names, for example built by C(scripts/build-bpf.sh)) through libbpf: no
+    definitions and C(SEC) names, for example built by C(scripts/build-bpf.sh)) through libbpf; no
     compiler, kernel headers or bcc are needed on the managed host, only C(libbpf1). Every map the
     object defines is pinned at O(pin_dir)/<map name>; a pinned map of the same shape (type, key and
     value size, max_entries, flags) is reused, so sockets already in a sockhash stay there. The same
@@ -75,7 +75,7 @@ options:
   object:
     description:
       - Path of a prebuilt BPF ELF object on the managed host (C(*.bpf.o)), loaded through libbpf.
-      - Its programs' types come from their C(SEC()) names (C(sockops), C(sk_msg)).
+      - Its programs' types come from their C(SEC) names (C(sockops), C(sk_msg)).
       - O(defines), O(include_dirs) and O(kernel_headers) do not apply (the object is already compiled)
         and must not be set; O(headers_cache) is ignored.
     type: path
@@ -84,8 +84,8 @@ options:
     description:
       - Functions of O(src) (or programs of O(object)) to load, each pinned at O(pin_dir)/<name>.
       - Required with O(src) and O(state=present). With O(object) defaults to every program of the
-        object; listed ones must exist in it with the given type. With O(state=absent) defaults to the
-        recorded ones.
+        object; a list must name every program of the object, each with the type its C(SEC) name
+        gives. With O(state=absent) defaults to the recorded ones.
     type: list
     elements: dict
     suboptions:
