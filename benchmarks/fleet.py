@@ -18,7 +18,10 @@ authorized key (generated here; the controller uses the host's private key),
 and its own host_vars: a cgroup <cgroup2>/fleet-<id>-NN (created here), a pin
 root /sys/fs/bpf/fleet-<id>-NN and a source directory under the state dir.
 All hosts share this machine's kernel, bpffs and filesystem, which is why those
-three must differ per host.
+three must differ per host, and why the inventory sets
+sockredir_install_packages=false (one dpkg lock for all: install the packages
+once, scripts/bootstrap.sh does). The inventory's group is sockredir_hosts, as
+in examples/inventory.yml.
 
 Teardown removes, in order: the ssh control masters, every process in each
 namespace (sshd and its sessions), the namespaces (their veth ends go with
@@ -167,8 +170,11 @@ class Fleet(object):
                 ansible_ssh_private_key_file=os.path.join(h['dir'], 'id'),
                 sockredir_cgroup=h['cgroup'], sockredir_pin_root=h['pin_root'],
                 sockredir_src_dir=os.path.join(h['dir'], 'bpf'))
+        # One dpkg database behind all hosts: 16 concurrent apt runs would fight over its lock.
+        # Install once on this machine (scripts/bootstrap.sh); a play may override per host.
         inventory = dict(sockredir_hosts=dict(
-            hosts=hosts, vars=dict(ansible_python_interpreter='/usr/bin/python3')))
+            hosts=hosts, vars=dict(ansible_python_interpreter='/usr/bin/python3',
+                                   sockredir_install_packages=False)))
         with open(self.inventory, 'w') as f:
             json.dump(inventory, f, indent=1)  # JSON is YAML
 
