@@ -9,12 +9,11 @@ import os
 import shutil
 import struct
 import subprocess
-import time
 
 import pytest
 
 from conftest import REPO, bpftool_json, hostenv
-from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, mapvalues, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils import mapvalues, program
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
 OBJ = os.path.join(REPO, 'tests', 'data', 'bpf', 'redir_test.bpf.o')
@@ -142,13 +141,20 @@ def test_bad_input_fails_naming_the_parameter_and_changes_nothing(play, pin_dir,
     assert not os.path.exists(pin_dir)
 
 
-def test_not_an_object_is_refused(play, pin_dir, tmp_path):
+def test_not_an_object_or_a_file_others_can_write_is_refused(play, pin_dir, tmp_path):
     bogus = tmp_path / 'x.bpf.o'
     bogus.write_text('not elf')
-    result = play([load(pin_dir, obj=str(bogus))])
-    assert result.rc != 0 and 'libbpf cannot open' in result.tasks['load']['msg'], result.tasks['load']
-    assert result.tasks['load']['param'] == 'object'
-    assert not os.path.exists(pin_dir)
+    writable = tmp_path / 'w.bpf.o'
+    shutil.copy(OBJ, writable)
+    os.chmod(writable, 0o666)
+    link = tmp_path / 'l.bpf.o'
+    link.symlink_to(OBJ)
+    for obj, words in ((bogus, 'libbpf cannot open'), (writable, 'writable by group or others'),
+                       (link, 'not a symbolic link')):
+        result = play([load(pin_dir, obj=str(obj))])
+        assert result.rc != 0 and words in result.tasks['load']['msg'], result.tasks['load']
+        assert result.tasks['load']['param'] == 'object'
+        assert not os.path.exists(pin_dir)
 
 
 def test_listed_programs_must_be_the_objects_programs(play, pin_dir):

@@ -268,7 +268,7 @@ _P = ctypes.c_void_p
 _OBJECT_API = {
     # name: (restype, argtypes)
     'libbpf_version_string': (ctypes.c_char_p, []),
-    'bpf_object__open_file': (_P, [ctypes.c_char_p, ctypes.POINTER(_ObjectOpenOpts)]),
+    'bpf_object__open_mem': (_P, [_P, ctypes.c_size_t, ctypes.POINTER(_ObjectOpenOpts)]),
     'bpf_object__load': (ctypes.c_int, [_P]),
     'bpf_object__close': (None, [_P]),
     'bpf_object__next_program': (_P, [_P, _P]),
@@ -316,7 +316,10 @@ def version():
 
 
 class BpfObject(object):
-    """An ELF object opened by libbpf: its programs and maps before load, fds after.
+    """An ELF object opened by libbpf from its bytes: programs and maps before load, fds after.
+
+    From bytes, not a path: what is loaded is exactly what the caller read,
+    checked and digested (libbpf re-opening a path could find another file).
 
     libbpf's own messages (and the verifier log it prints on a failed load) go
     to stderr; the caller captures fd 2 around open() and load().
@@ -324,15 +327,18 @@ class BpfObject(object):
 
     LOG_SIZE = 1 << 20
 
-    def __init__(self, path):
+    def __init__(self, path, data):
         self.path = path
+        self.buf = ctypes.create_string_buffer(data, len(data))  # alive as long as the object
+        self.name = ctypes.c_char_p(os.path.basename(path).split('.')[0].encode())
         self.log = ctypes.create_string_buffer(self.LOG_SIZE)
         # level 0: no log on success; on a failed load libbpf retries with
         # level 1 into this buffer (the verifier's reasons).
-        opts = _ObjectOpenOpts(sz=ctypes.sizeof(_ObjectOpenOpts), kernel_log_buf=ctypes.addressof(self.log),
+        opts = _ObjectOpenOpts(sz=ctypes.sizeof(_ObjectOpenOpts), object_name=self.name,
+                               kernel_log_buf=ctypes.addressof(self.log),
                                kernel_log_size=self.LOG_SIZE, kernel_log_level=0)
         ctypes.set_errno(0)
-        self.obj = typed().bpf_object__open_file(path.encode(), ctypes.byref(opts))
+        self.obj = typed().bpf_object__open_mem(self.buf, len(data), ctypes.byref(opts))
         if not self.obj:
             err = ctypes.get_errno() or errno.EINVAL
             raise BpfError('object: libbpf cannot open %s: %s (expected a BPF ELF object built with '

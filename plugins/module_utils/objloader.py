@@ -20,6 +20,7 @@ __metaclass__ = type
 import hashlib
 import json
 import os
+import stat
 
 from ansible_collections.ebpf.sockredir.plugins.module_utils import libbpf, pins, program
 from ansible_collections.ebpf.sockredir.plugins.module_utils.capture import captured_output
@@ -40,13 +41,7 @@ class ObjectSet(program.ProgramSet):
     def __init__(self, pin_dir, obj_path, programs=None, maps=None, recreate_maps=False,
                  record_dir=program.RECORD_DIR):
         self.obj_path = obj_path
-        try:
-            with open(obj_path, 'rb') as f:
-                self.obj_bytes = f.read()
-        except OSError as e:
-            raise BpfError('object: cannot read %s: %s (expected the path of a BPF ELF object on the '
-                           'managed host, e.g. built by scripts/build-bpf.sh)' % (obj_path, e.strerror),
-                           param='object')
+        self.obj_bytes = read_trusted(obj_path)
         declared_progs, self.declared_maps = self._inspect()
         if programs:
             for i, p in enumerate(programs):
@@ -78,7 +73,7 @@ class ObjectSet(program.ProgramSet):
     def _open(self):
         with captured_output() as out:
             try:
-                obj = libbpf.BpfObject(self.obj_path)
+                obj = libbpf.BpfObject(self.obj_path, self.obj_bytes)
                 err = None
             except BpfError as e:
                 err = e
@@ -181,6 +176,30 @@ class ObjectSet(program.ProgramSet):
         finally:
             if obj is not None:
                 obj.close()  # the pins hold programs and maps now
+
+
+def read_trusted(path):
+    """The bytes of the object file, if root may load it: a regular file (no symlink) that only
+    root (or we) can write. Loading what another user could swap in would be theirs to choose."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
+    except OSError as e:
+        raise BpfError('object: cannot open %s: %s (expected the path of a BPF ELF object on the '
+                       'managed host, e.g. built by scripts/build-bpf.sh; not a symbolic link)'
+                       % (path, e.strerror), param='object')
+    with os.fdopen(fd, 'rb') as f:
+        st = os.fstat(f.fileno())
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = 'is not a regular file'
+        elif st.st_uid not in (0, os.geteuid()):
+            problem = 'is owned by uid %d' % st.st_uid
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem = 'is writable by group or others (mode %o)' % stat.S_IMODE(st.st_mode)
+        if problem:
+            raise BpfError('object: %s %s; a program root loads must come from a file only root can '
+                           'write' % (path, problem), param='object')
+        return f.read()
 
 
 def _shape(s):
