@@ -382,8 +382,8 @@ def leftovers(fid):
     """Names of this fleet still present anywhere: must be [] after down()."""
     found = []
     found += [n for n in sh('ip', 'netns', 'list', capture=True).stdout.split() if fid in n]
-    found += [line.split(':')[1].strip().split('@')[0] for line in sh('ip', '-o', 'link', capture=True).stdout.splitlines()
-              if fid in line]
+    links = sh('ip', '-o', 'link', capture=True).stdout.splitlines()
+    found += [line.split(':')[1].strip().split('@')[0] for line in links if fid in line]
     found += [n for n in os.listdir(cgroup2_mount()) if fid in n]
     found += [n for n in os.listdir(BPFFS) if fid in n]
     found += [n for n in os.listdir(STATE_ROOT) if fid in n]
