@@ -51,7 +51,7 @@ SSHD = '/usr/sbin/sshd'
 RECORD_DIR = '/run/ebpf-sockredir'
 
 sys.path.insert(0, os.path.join(REPO, 'tests'))
-from support.hostenv import cgroup2_mount, kill_cgroup  # noqa: E402
+from support.hostenv import _kill_pids as kill_now, cgroup2_mount, kill_cgroup  # noqa: E402
 
 
 def sh(*cmd, check=True, capture=False):
@@ -264,11 +264,7 @@ def _pids_naming(text):
 
 
 def _kill_pids(pids):
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_now(pids)  # SIGKILL
     for _ in range(50):
         if not [p for p in pids if os.path.exists('/proc/%d' % p) and not _zombie(p)]:
             return

@@ -70,15 +70,19 @@ class _AttachOpts(ctypes.Structure):
 _lib = None
 
 
+def _open_libbpf():
+    name = ctypes.util.find_library('bpf') or 'libbpf.so.1'
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError as e:
+        raise BpfError('libbpf (libbpf.so.1) could not be loaded: %s. Install the '
+                       'package libbpf1 (a dependency of python3-bpfcc).' % e)
+
+
 def lib():
     global _lib
     if _lib is None:
-        name = ctypes.util.find_library('bpf') or 'libbpf.so.1'
-        try:
-            _lib = ctypes.CDLL(name, use_errno=True)
-        except OSError as e:
-            raise BpfError('libbpf (libbpf.so.1) could not be loaded: %s. Install the '
-                           'package libbpf1 (a dependency of python3-bpfcc).' % e)
+        _lib = _open_libbpf()
     return _lib
 
 
@@ -297,12 +301,7 @@ def typed():
     """libbpf with argtypes/restype declared for the object API (pointers stay pointers)."""
     global _typed
     if _typed is None:
-        name = ctypes.util.find_library('bpf') or 'libbpf.so.1'
-        try:
-            # A private handle: declaring types here does not change lib()'s callers.
-            handle = ctypes.CDLL(name, use_errno=True)
-        except OSError as e:
-            raise BpfError('libbpf (libbpf.so.1) could not be loaded: %s. Install the package libbpf1.' % e)
+        handle = _open_libbpf()  # a handle of its own: these types do not change lib()'s callers
         for func, (restype, argtypes) in _OBJECT_API.items():
             fn = getattr(handle, func)
             fn.restype = restype

@@ -165,13 +165,7 @@ class ObjectSet(program.ProgramSet):
             self.recreated = list(set_aside)
             return ''
         except BaseException:
-            for path in made:
-                if os.path.lexists(path):
-                    os.unlink(path)
-            for m in set_aside:
-                os.rename(self.pin(m + '__replaced'), self.pin(m))
-            if created_dir and os.path.isdir(self.pin_dir) and not os.listdir(self.pin_dir):
-                os.rmdir(self.pin_dir)
+            pins.undo(self.pin_dir, made, set_aside, created_dir)
             raise
         finally:
             if obj is not None:

@@ -191,13 +191,7 @@ class ProgramSet(object):
         except BaseException:
             # includes maps a failed compile pinned before it gave up
             made += [self.pin(m) for m in self.maps if m not in maps_before or m in set_aside]
-            for path in made:
-                if os.path.lexists(path):
-                    os.unlink(path)
-            for m in set_aside:
-                os.rename(self.pin(m + '__replaced'), self.pin(m))
-            if created_dir and os.path.isdir(self.pin_dir) and not os.listdir(self.pin_dir):
-                os.rmdir(self.pin_dir)
+            pins.undo(self.pin_dir, made, set_aside, created_dir)
             raise
         finally:
             if compiled is not None:
