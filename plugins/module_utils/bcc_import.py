@@ -21,7 +21,7 @@ SYSTEM_PYTHONS = ['/usr/bin/python3', '/usr/libexec/platform-python', '/usr/bin/
 
 
 def require_bcc(module):
-    if loader.HAS_BCC:
+    if loader.import_bcc() is None:
         return
     if not has_respawned():
         interpreter = probe_interpreters_for_module(SYSTEM_PYTHONS, 'bcc')

@@ -47,3 +47,34 @@ def list_dir(pin_dir):
     if not os.path.isdir(pin_dir):
         return {}
     return {name: describe(os.path.join(pin_dir, name)) for name in sorted(os.listdir(pin_dir))}
+
+
+def undo(pin_dir, made, set_aside, created_dir):
+    """After a failed load: remove the pins in made, put set-aside maps (<name>__replaced) back,
+    remove pin_dir if this load created it and nothing is left in it."""
+    for path in made:
+        if os.path.lexists(path):
+            os.unlink(path)
+    for m in set_aside:
+        os.rename(os.path.join(pin_dir, m + '__replaced'), os.path.join(pin_dir, m))
+    if created_dir and os.path.isdir(pin_dir) and not os.listdir(pin_dir):
+        os.rmdir(pin_dir)
+
+
+def pin_staged(pin_dir, fds, made):
+    """Pin each (name, fd) at pin_dir/<name>__staging, then rename all over pin_dir/<name>.
+
+    bpffs renames atomically, so a reader of a pin sees the old or the new
+    object, never nothing. Every staging pin is appended to made (the
+    caller's undo list) as soon as it exists.
+    """
+    staged = []
+    for name, fd in fds:
+        tmp = os.path.join(pin_dir, '%s__staging' % name)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        libbpf.obj_pin(fd, tmp)
+        made.append(tmp)
+        staged.append((tmp, os.path.join(pin_dir, name)))
+    for tmp, final in staged:
+        os.replace(tmp, final)

@@ -36,6 +36,8 @@ def record_path(pin_dir, record_dir=RECORD_DIR):
 
 
 class ProgramSet(object):
+    changed_reason = 'source or options changed'
+
     def __init__(self, pin_dir, programs=None, maps=None, src=None, defines=None,
                  include_dirs=None, kernel_headers='auto', headers_cache=kheaders.DEFAULT_CACHE,
                  recreate_maps=False, record_dir=RECORD_DIR):
@@ -127,8 +129,7 @@ class ProgramSet(object):
         if record is None:
             reasons.append('no record of a load into %s' % self.pin_dir)
         elif record.get('digest') != digest:
-            reasons.append('source or options changed')
-        used = set()  # a map may serve one program only (sk_msg alone reads the settings)
+            reasons.append(self.changed_reason)
         for p in self.programs:
             got = now['programs'][p['name']]
             if got is None:
@@ -137,13 +138,13 @@ class ProgramSet(object):
                 reasons.append('%s is a %s program, expected %s' % (self.pin(p['name']), got['type'], p['type']))
             elif record and record.get('programs', {}).get(p['name']) != dict(id=got['id'], tag=got['tag']):
                 reasons.append('program at %s is not the one recorded' % self.pin(p['name']))
-            else:
-                used.update(got['map_ids'])
+        # Not every program uses every map (a config map may be read by one only).
+        used = set(i for got in now['programs'].values() if got for i in got['map_ids'])
         for m, info in now['maps'].items():
             if info is None:
                 reasons.append('map pin %s is missing' % self.pin(m))
-            elif not reasons and info['id'] not in used:
-                reasons.append('no program uses the pinned map %s' % m)
+            elif all(now['programs'].values()) and info['id'] not in used:
+                reasons.append('no program at the pins uses the pinned map %s' % m)
         return reasons
 
     # -- changing ----------------------------------------------------------
@@ -182,16 +183,7 @@ class ProgramSet(object):
                     set_aside.append(m)
                 compiled = loader.Compiled(self.src, self.cflags(), headers['env'])
             fds = [(p['name'], compiled.load(p['name'], p['type'])) for p in self.programs]
-            staged = []
-            for name, fd in fds:
-                tmp = self.pin('%s__staging' % name)
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
-                libbpf.obj_pin(fd, tmp)
-                made.append(tmp)
-                staged.append((tmp, self.pin(name)))
-            for tmp, final in staged:
-                os.replace(tmp, final)  # bpffs renames atomically over the old pin
+            pins.pin_staged(self.pin_dir, fds, made)
             for m in set_aside:
                 os.unlink(self.pin(m + '__replaced'))
             self.recreated = list(set_aside)
@@ -199,13 +191,7 @@ class ProgramSet(object):
         except BaseException:
             # includes maps a failed compile pinned before it gave up
             made += [self.pin(m) for m in self.maps if m not in maps_before or m in set_aside]
-            for path in made:
-                if os.path.lexists(path):
-                    os.unlink(path)
-            for m in set_aside:
-                os.rename(self.pin(m + '__replaced'), self.pin(m))
-            if created_dir and os.path.isdir(self.pin_dir) and not os.listdir(self.pin_dir):
-                os.rmdir(self.pin_dir)
+            pins.undo(self.pin_dir, made, set_aside, created_dir)
             raise
         finally:
             if compiled is not None:
@@ -321,6 +307,12 @@ def execute(params, check_mode, want_diff):
             after = None
     else:
         after = now
+    report(ps, result, now, after, reasons, want_diff)
+    return result
+
+
+def report(ps, result, now, after, reasons, want_diff):
+    """result's diff, programs and maps, from the state before and after (None in check mode)."""
     if want_diff:
         result['diff'] = dict(before=_summary(now), after=_summary(after) if after else
                               dict(reload=reasons))
@@ -330,7 +322,6 @@ def execute(params, check_mode, want_diff):
                           for n, i in final['programs'].items() if i}
     result['maps'] = {n: dict(id=i['id'], type=i['type'], max_entries=i['max_entries'], pin=ps.pin(n))
                       for n, i in final['maps'].items() if i}
-    return result
 
 
 def _summary(state):

@@ -105,7 +105,7 @@ MAP = dict(id=9)
     (dict(programs={'p': PROG}, maps={'m': MAP}), dict(digest='d', programs={'p': dict(id=6, tag='aa')}),
      'd', ['not the one recorded']),
     (dict(programs={'p': PROG}, maps={'m': dict(id=10)}), dict(digest='d', programs={'p': dict(id=5, tag='aa')}),
-     'd', ['no program uses the pinned map m']),
+     'd', ['no program at the pins uses the pinned map m']),
     (dict(programs={'p': PROG}, maps={'m': None}), dict(digest='d', programs={'p': dict(id=5, tag='aa')}),
      'd', ['map pin /sys/fs/bpf/x/m is missing']),
 ])
@@ -124,7 +124,7 @@ def test_a_map_needs_one_program_using_it_not_every_program():
     record = dict(digest='d', programs={'p': dict(id=5, tag='aa'), 'q': dict(id=6, tag='aa')})
     assert two.reload_reasons(now, record, 'd') == []
     now['maps']['o'] = dict(id=11)
-    assert two.reload_reasons(now, record, 'd') == ['no program uses the pinned map o']
+    assert two.reload_reasons(now, record, 'd') == ['no program at the pins uses the pinned map o']
 
 
 class FakeAttachment(attach.Attachment):
