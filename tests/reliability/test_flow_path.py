@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import conftest
 from support import hostenv
 
 from . import kit
@@ -85,6 +86,20 @@ def write_shutdown_read_reply(client, server, payload, write_size):
     reader.join(30)
     assert got.get('n') == len(payload)
     return outcome
+
+
+@pytest.fixture(scope='module')
+def redirection(tmp_path_factory):
+    """The prebuilt object (what the role loads by default): it can see a socket's redirected
+    queue, which the small-write switch needs (the BCC build keeps small writes redirected)."""
+    with kit.Redirection(tmp_path_factory.mktemp('redirection'), obj=conftest.OBJECT) as r:
+        yield r
+
+
+@pytest.fixture(scope='module')
+def bcc_redirection(tmp_path_factory):
+    with kit.Redirection(tmp_path_factory.mktemp('bcc')) as r:
+        yield r
 
 
 def set_cfg(redirection, small_bytes=0, small_streak=0):
@@ -356,3 +371,43 @@ def test_request_response_with_split_writes_never_stalls(redirection, netns, def
     assert latencies[int(len(latencies) * 0.99)] < 0.010, latencies[-10:]
     assert d['demoted_small_writes'] == 0 and d['passed_bytes'] == 0, d
     assert d['redirected_msgs'] == 2000 * 4, d
+
+
+def test_the_receiver_leaves_once_drained_and_its_reads_never_fail(redirection, netns, default_cfg):
+    """After the writer's small-write switch, the receiver (which holds redirected bytes, so it
+    stayed in the map) answers with a bulk transfer over TCP, then blocks for a reply: it left
+    the map once its redirected queue was empty, so its blocking read never fails."""
+    before = redirection.counters()
+    outcomes = []
+    with kit.SocketFactory(redirection.cgroup, netns) as f:
+        listener = f.listen('127.0.0.1')
+        for _ in range(20):
+            writer, receiver = kit.connected_pair(listener, f, '4', '127.0.0.1')
+            writer, receiver = blocking(writer), blocking(receiver)
+            for i in range(64):
+                writer.sendall(records(i, 1))     # switches after 16
+            assert sequence_of(kit.recv_exactly(receiver, 64 * RECORD.size)) == list(range(64))
+            outcomes.append(write_shutdown_read_reply(receiver, writer, bytes(16 << 20), 65536))
+            writer.close()
+            receiver.close()
+        listener.close()
+    d = kit.delta(before, redirection.counters())
+    assert outcomes == [None] * 20
+    assert d['demoted_small_writes'] == 20 and d['removed'] == 40, d
+
+
+def test_bcc_build_keeps_small_writes_redirected(bcc_redirection, netns):
+    """BCC cannot see a socket's redirected queue, so it never switches small writes: slower,
+    never unsafe."""
+    before = bcc_redirection.counters()
+    with kit.SocketFactory(bcc_redirection.cgroup, netns) as f:
+        listener = f.listen('127.0.0.1')
+        client, accepted = kit.connected_pair(listener, f, '4', '127.0.0.1')
+        outcome = write_shutdown_read_reply(blocking(client), blocking(accepted), records(0, 4096), 64)
+        client.close()
+        accepted.close()
+        listener.close()
+    d = kit.delta(before, bcc_redirection.counters())
+    assert outcome is None
+    assert d['demoted_small_writes'] == 0 and d['passed_bytes'] == 0, d
+    assert d['redirected_bytes'] == 4096 * RECORD.size + 8, d
