@@ -15,7 +15,9 @@
  * receiver reads its redirected queue before its TCP queue, so bytes that
  * went TCP first would be read after later redirected ones.
  *
- * Optional compile-time port policy, comma-separated lists of ports:
+ * Port policy at run time: the sockredir_ports map and the allow-listed
+ * flag of sockredir_cfg (sockredir.h), written by the loader; changing them
+ * reloads nothing. A BCC build may also compile lists in:
  *   -DSOCKREDIR_ALLOW_PORTS=80,443  only connections whose local or remote
  *                                   port is listed are accelerated
  *   -DSOCKREDIR_DENY_PORTS=22       connections touching a listed port never
@@ -111,6 +113,42 @@ static __always_inline int sockredir_redirect(struct sk_msg_md *msg, struct sock
 {
 	return sockredir_hash.msg_redirect_hash(msg, peer, BPF_F_INGRESS);
 }
+
+static __always_inline __u32 sockredir_port_verdict(__u32 port)
+{
+	__u32 *verdict = sockredir_ports.lookup(&port);
+
+	return verdict ? *verdict : 0;
+}
+
+/* One trace_pipe line per decision; the same text as sockredir_libbpf.h's. */
+static __always_inline void sockredir_trace(__u32 stat, __u32 instance, const struct sockredir_key *key)
+{
+	__u32 l = key->local_port, r = key->remote_port;
+
+	switch (stat) {
+	case SOCKREDIR_STAT_INSERTED:
+		bpf_trace_printk("sockredir %x %u>%u admitted\n", instance, l, r); break;
+	case SOCKREDIR_STAT_INSERT_FULL:
+		bpf_trace_printk("sockredir %x %u>%u not admitted: sockhash full\n", instance, l, r); break;
+	case SOCKREDIR_STAT_INSERT_FAILED:
+		bpf_trace_printk("sockredir %x %u>%u not admitted: insert failed\n", instance, l, r); break;
+	case SOCKREDIR_STAT_NOT_ADMITTED_PEER:
+		bpf_trace_printk("sockredir %x %u>%u not admitted: peer not ours\n", instance, l, r); break;
+	case SOCKREDIR_STAT_NOT_ADMITTED_EARLY_DATA:
+		bpf_trace_printk("sockredir %x %u>%u not admitted: data before established\n", instance, l, r); break;
+	case SOCKREDIR_STAT_NOT_ADMITTED_POLICY:
+		bpf_trace_printk("sockredir %x %u>%u not admitted: port policy\n", instance, l, r); break;
+	case SOCKREDIR_STAT_DEMOTED_SMALL_WRITES:
+		bpf_trace_printk("sockredir %x %u>%u to tcp: small writes\n", instance, l, r); break;
+	case SOCKREDIR_STAT_TCP_PEER_ABSENT:
+		bpf_trace_printk("sockredir %x %u>%u to tcp: peer absent\n", instance, l, r); break;
+	case SOCKREDIR_STAT_REMOVED:
+		bpf_trace_printk("sockredir %x %u>%u left the sockhash\n", instance, l, r); break;
+	case SOCKREDIR_STAT_DEMOTION_REFUSED:
+		bpf_trace_printk("sockredir %x %u>%u small writes stay redirected\n", instance, l, r); break;
+	}
+}
 #else
 #include "sockredir_libbpf.h"
 #endif
@@ -135,6 +173,16 @@ static __always_inline void sockredir_count(__u32 stat, __u64 n)
 	 */
 	if (val)
 		__sync_fetch_and_add(val, n);
+}
+
+/* A path decision: counted, and traced when SOCKREDIR_SET_DEBUG is on. */
+static __always_inline void sockredir_decided(__u32 stat, const struct sockredir_key *key)
+{
+	struct sockredir_settings *cfg = sockredir_settings_get();
+
+	sockredir_count(stat, 1);
+	if (cfg && (cfg->flags & SOCKREDIR_SET_DEBUG))
+		sockredir_trace(stat, cfg->instance, key);
 }
 
 static __always_inline void sockredir_ip4_mapped(__u32 ip[4], __u32 ip4)
@@ -244,6 +292,10 @@ static __always_inline int sockredir_port_listed(const __u32 *ports, __u32 n,
 
 static __always_inline int sockredir_policy_allows(const struct sockredir_key *key)
 {
+	struct sockredir_settings *cfg = sockredir_settings_get();
+	__u32 local = sockredir_port_verdict(key->local_port);
+	__u32 remote = sockredir_port_verdict(key->remote_port);
+
 #ifdef SOCKREDIR_DENY_PORTS
 	const __u32 deny[] = { SOCKREDIR_DENY_PORTS };
 
@@ -257,10 +309,14 @@ static __always_inline int sockredir_policy_allows(const struct sockredir_key *k
 
 	_Static_assert(SOCKREDIR_ARRAY_SIZE(allow) <= SOCKREDIR_MAX_POLICY_PORTS,
 		       "SOCKREDIR_ALLOW_PORTS: too many ports");
-	return sockredir_port_listed(allow, SOCKREDIR_ARRAY_SIZE(allow), key);
-#else
-	return 1;
+	if (!sockredir_port_listed(allow, SOCKREDIR_ARRAY_SIZE(allow), key))
+		return 0;
 #endif
+	if (local == SOCKREDIR_PORT_DENY || remote == SOCKREDIR_PORT_DENY)
+		return 0;
+	if (cfg && (cfg->flags & SOCKREDIR_SET_ALLOW_LISTED))
+		return local == SOCKREDIR_PORT_ALLOW || remote == SOCKREDIR_PORT_ALLOW;
+	return 1;
 }
 
 /* The key the peer socket has: local and remote swapped. */
@@ -336,7 +392,7 @@ static __always_inline int sockredir_admissible(struct bpf_sock_ops *skops,
 	struct sockredir_flow *flow;
 
 	if (skops->data_segs_out || skops->data_segs_in || skops->bytes_received) {
-		sockredir_count(SOCKREDIR_STAT_NOT_ADMITTED_EARLY_DATA, 1);
+		sockredir_decided(SOCKREDIR_STAT_NOT_ADMITTED_EARLY_DATA, key);
 		return 0;
 	}
 	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
@@ -351,7 +407,7 @@ static __always_inline int sockredir_admissible(struct bpf_sock_ops *skops,
 		goto not_ours;
 	return 1;
 not_ours:
-	sockredir_count(SOCKREDIR_STAT_NOT_ADMITTED_PEER, 1);
+	sockredir_decided(SOCKREDIR_STAT_NOT_ADMITTED_PEER, key);
 	return 0;
 }
 
@@ -363,29 +419,33 @@ static __always_inline void sockredir_admit(struct bpf_sock_ops *skops,
 	int side = sockredir_flow_key(key, &conn);
 	long err;
 
-	if (!sockredir_policy_allows(key) || !sockredir_admissible(skops, key, &conn, side))
+	if (!sockredir_policy_allows(key)) {
+		sockredir_decided(SOCKREDIR_STAT_NOT_ADMITTED_POLICY, key);
+		return;
+	}
+	if (!sockredir_admissible(skops, key, &conn, side))
 		return;
 	/* a stale gate of an earlier socket with the same key must not count */
 	sockredir_gate_forget(key);
 	/* the connecting side is first: it starts the connection's entry */
 	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    sockredir_flow_put(&conn, &fresh, BPF_ANY)) {
-		sockredir_count(SOCKREDIR_STAT_INSERT_FAILED, 1);
+		sockredir_decided(SOCKREDIR_STAT_INSERT_FAILED, key);
 		return;
 	}
 	flow = sockredir_flow_get(&conn);
 	if (!flow) {
-		sockredir_count(SOCKREDIR_STAT_INSERT_FAILED, 1);
+		sockredir_decided(SOCKREDIR_STAT_INSERT_FAILED, key);
 		return;
 	}
 	err = sockredir_sock_insert(skops, key);
 	if (err) {
-		sockredir_count(err == -E2BIG ? SOCKREDIR_STAT_INSERT_FULL :
-				SOCKREDIR_STAT_INSERT_FAILED, 1);
+		sockredir_decided(err == -E2BIG ? SOCKREDIR_STAT_INSERT_FULL :
+				  SOCKREDIR_STAT_INSERT_FAILED, key);
 		return;
 	}
 	flow->flags[side & 1] |= SOCKREDIR_FLOW_ADMITTED;
-	sockredir_count(SOCKREDIR_STAT_INSERTED, 1);
+	sockredir_decided(SOCKREDIR_STAT_INSERTED, key);
 	/*
 	 * STATE: forget the flow at close. RTT: runs on ACKs only, which a
 	 * redirected socket never gets; once it sends over TCP, the first
@@ -425,7 +485,7 @@ static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
 			return;	/* ask again at the next ACK */
 	}
 	if (!sockredir_sock_remove(key))
-		sockredir_count(SOCKREDIR_STAT_REMOVED, 1);
+		sockredir_decided(SOCKREDIR_STAT_REMOVED, key);
 	flow->flags[side] &= ~(SOCKREDIR_FLOW_REMOVE | SOCKREDIR_FLOW_ADMITTED);
 	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 }
@@ -560,12 +620,12 @@ int sockredir_msg(struct sk_msg_md *msg)
 		 * spurious EAGAIN on blocking reads).
 		 */
 		if (sockredir_may_leave(&own) && sockredir_go_tcp(flags, &own)) {
-			sockredir_count(SOCKREDIR_STAT_DEMOTED_SMALL_WRITES, 1);
+			sockredir_decided(SOCKREDIR_STAT_DEMOTED_SMALL_WRITES, &own);
 			return sockredir_pass(size);
 		}
 		*flags &= ~SOCKREDIR_FLOW_TCP;
 		*flags |= SOCKREDIR_FLOW_KEEP;
-		sockredir_count(SOCKREDIR_STAT_DEMOTION_REFUSED, 1);
+		sockredir_decided(SOCKREDIR_STAT_DEMOTION_REFUSED, &own);
 	}
 
 	if (!(*flags & SOCKREDIR_FLOW_PEER_GATE_OPEN)) {
@@ -590,7 +650,7 @@ peer_absent:
 	 * for TCP): these bytes go TCP, and so must every later one.
 	 */
 	sockredir_go_tcp(flags, &own);
-	sockredir_count(SOCKREDIR_STAT_TCP_PEER_ABSENT, 1);
+	sockredir_decided(SOCKREDIR_STAT_TCP_PEER_ABSENT, &own);
 	return sockredir_pass(size);
 }
 

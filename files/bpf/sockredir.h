@@ -91,7 +91,9 @@ enum sockredir_stat {
 	/* a small-write streak stayed redirected: redirected bytes may
 	 * still wait in the socket's queue, so it cannot leave the map */
 	SOCKREDIR_STAT_DEMOTION_REFUSED = 12,
-	SOCKREDIR_STAT_MAX = 13,
+	/* not admitted: the port policy (sockredir_ports) excludes it */
+	SOCKREDIR_STAT_NOT_ADMITTED_POLICY = 13,
+	SOCKREDIR_STAT_MAX = 14,
 };
 
 /*
@@ -133,8 +135,25 @@ struct sockredir_settings {
 	__u32 small_bytes;
 	/* that many small sends in a row, nothing received: go TCP */
 	__u32 small_streak;
-	__u32 reserved[2];
+	__u32 flags;		/* SOCKREDIR_SET_* */
+	/* names this instance in debug events (the loader's choice) */
+	__u32 instance;
 };
+
+/* only connections with a port listed SOCKREDIR_PORT_ALLOW are admitted */
+#define SOCKREDIR_SET_ALLOW_LISTED	(1U << 0)
+/* one trace_pipe line per admission and per path decision */
+#define SOCKREDIR_SET_DEBUG		(1U << 1)
+
+/*
+ * sockredir_ports: port (host byte order) -> verdict. A connection whose
+ * local or remote port is DENY is never admitted (deny wins); with
+ * SOCKREDIR_SET_ALLOW_LISTED, only one with an ALLOW port is. Both ends of a
+ * connection see the same two ports, so they decide alike.
+ */
+#define SOCKREDIR_PORT_ALLOW	1
+#define SOCKREDIR_PORT_DENY	2
+#define SOCKREDIR_MAX_PORTS	1024
 
 #ifndef SOCKREDIR_SMALL_BYTES
 #define SOCKREDIR_SMALL_BYTES 32768

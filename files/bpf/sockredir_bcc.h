@@ -81,6 +81,10 @@ BPF_TABLE_PINNED("lru_hash", struct sockredir_key, u32, sockredir_reqs,
 BPF_TABLE_PINNED("array", u32, struct sockredir_settings, sockredir_cfg,
 		 1, BPF_PIN_DIR "/sockredir_cfg");
 
+/* The port policy (SOCKREDIR_PORT_*), written by the loader at run time. */
+BPF_TABLE_PINNED("hash", u32, u32, sockredir_ports,
+		 SOCKREDIR_MAX_PORTS, BPF_PIN_DIR "/sockredir_ports");
+
 /* BCC's footer emits the license section from this (GPL is its default). */
 #define BPF_LICENSE GPL
 #define SOCKREDIR_LICENSE

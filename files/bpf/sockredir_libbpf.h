@@ -6,9 +6,11 @@
  * names and shapes as sockredir_bcc.h: a host can move between the loaders
  * and keep its pinned maps (and the sockets in them).
  *
- * Every map pins by name under the pin root the loader gives libbpf
- * (pin_root_path): a map already pinned there with the same shape is reused,
- * so a reload keeps the sockets in the sockhash.
+ * The loader (plugins/module_utils/objloader.py) pins every map by name under
+ * the instance's pin root, and reuses a map already pinned there with the same
+ * shape, so a reload keeps the sockets in the sockhash. No LIBBPF_PIN_BY_NAME
+ * here: libbpf would pin those under its default root, shared by every
+ * instance on the host.
  */
 #ifndef __SOCKREDIR_LIBBPF_H
 #define __SOCKREDIR_LIBBPF_H
@@ -26,7 +28,6 @@ struct {
 	__uint(max_entries, SOCKREDIR_MAP_SIZE);
 	__type(key, struct sockredir_key);
 	__type(value, __u32);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sockredir_hash SEC(".maps");
 
 struct {
@@ -34,7 +35,6 @@ struct {
 	__uint(max_entries, SOCKREDIR_STAT_MAX);
 	__type(key, __u32);
 	__type(value, __u64);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sockredir_stats SEC(".maps");
 
 /* Path state of every admitted connection; entries go when a side closes. */
@@ -43,7 +43,6 @@ struct {
 	__uint(max_entries, SOCKREDIR_MAP_SIZE);
 	__type(key, struct sockredir_key);
 	__type(value, struct sockredir_flow);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sockredir_flows SEC(".maps");
 
 /* Receive gates (SOCKREDIR_GATE_*); entries go when the socket closes. */
@@ -52,7 +51,6 @@ struct {
 	__uint(max_entries, SOCKREDIR_MAP_SIZE);
 	__type(key, struct sockredir_key);
 	__type(value, __u32);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sockredir_gates SEC(".maps");
 
 /* Connection requests a listener of ours has seen (see sockredir_bcc.h). */
@@ -61,7 +59,6 @@ struct {
 	__uint(max_entries, SOCKREDIR_MAP_SIZE);
 	__type(key, struct sockredir_key);
 	__type(value, __u32);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sockredir_reqs SEC(".maps");
 
 struct {
@@ -69,8 +66,15 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct sockredir_settings);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sockredir_cfg SEC(".maps");
+
+/* The port policy (SOCKREDIR_PORT_*), written by the loader at run time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SOCKREDIR_MAX_PORTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} sockredir_ports SEC(".maps");
 
 static __always_inline __u64 *sockredir_stat_slot(__u32 stat)
 {
@@ -131,6 +135,42 @@ static __always_inline struct sockredir_settings *sockredir_settings_get(void)
 	__u32 zero = 0;
 
 	return bpf_map_lookup_elem(&sockredir_cfg, &zero);
+}
+
+static __always_inline __u32 sockredir_port_verdict(__u32 port)
+{
+	__u32 *verdict = bpf_map_lookup_elem(&sockredir_ports, &port);
+
+	return verdict ? *verdict : 0;
+}
+
+/* One trace_pipe line per decision (SOCKREDIR_SET_DEBUG); the same text as the BCC build. */
+static __always_inline void sockredir_trace(__u32 stat, __u32 instance, const struct sockredir_key *key)
+{
+	__u32 l = key->local_port, r = key->remote_port;
+
+	switch (stat) {
+	case SOCKREDIR_STAT_INSERTED:
+		bpf_printk("sockredir %x %u>%u admitted", instance, l, r); break;
+	case SOCKREDIR_STAT_INSERT_FULL:
+		bpf_printk("sockredir %x %u>%u not admitted: sockhash full", instance, l, r); break;
+	case SOCKREDIR_STAT_INSERT_FAILED:
+		bpf_printk("sockredir %x %u>%u not admitted: insert failed", instance, l, r); break;
+	case SOCKREDIR_STAT_NOT_ADMITTED_PEER:
+		bpf_printk("sockredir %x %u>%u not admitted: peer not ours", instance, l, r); break;
+	case SOCKREDIR_STAT_NOT_ADMITTED_EARLY_DATA:
+		bpf_printk("sockredir %x %u>%u not admitted: data before established", instance, l, r); break;
+	case SOCKREDIR_STAT_NOT_ADMITTED_POLICY:
+		bpf_printk("sockredir %x %u>%u not admitted: port policy", instance, l, r); break;
+	case SOCKREDIR_STAT_DEMOTED_SMALL_WRITES:
+		bpf_printk("sockredir %x %u>%u to tcp: small writes", instance, l, r); break;
+	case SOCKREDIR_STAT_TCP_PEER_ABSENT:
+		bpf_printk("sockredir %x %u>%u to tcp: peer absent", instance, l, r); break;
+	case SOCKREDIR_STAT_REMOVED:
+		bpf_printk("sockredir %x %u>%u left the sockhash", instance, l, r); break;
+	case SOCKREDIR_STAT_DEMOTION_REFUSED:
+		bpf_printk("sockredir %x %u>%u small writes stay redirected", instance, l, r); break;
+	}
 }
 
 static __always_inline long sockredir_sock_insert(struct bpf_sock_ops *skops,

@@ -8,7 +8,7 @@ SRC = os.path.join(REPO, 'files', 'bpf', 'sockredir.bpf.c')
 OBJECT = os.path.join(REPO, 'files', 'bpf', 'sockredir.bpf.o')   # SRC built by scripts/build-bpf.sh
 PROGRAMS = [dict(name='sockredir_ops', type='sock_ops'), dict(name='sockredir_msg', type='sk_msg')]
 MAPS = ['sockredir_hash', 'sockredir_stats', 'sockredir_flows', 'sockredir_gates',
-        'sockredir_reqs', 'sockredir_cfg']
+        'sockredir_reqs', 'sockredir_cfg', 'sockredir_ports']
 
 
 def converge_tasks(pin_dir, cgroup, src=SRC, defines=None, obj=None):
