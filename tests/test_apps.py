@@ -8,10 +8,10 @@ reports them.
 """
 
 import copy
-import glob
 import importlib.util
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -36,11 +36,9 @@ def load_apps():
 apps = load_apps()
 
 
-def our_processes():
-    """Processes of an apps.py run: in one of its cgroups, or naming its temp dir or its ports
-    (redis-server rewrites its title to address:port)."""
-    ports = {str(port) for by_path in apps.PORTS.values() for port in by_path.values()}
-    tools = ('iperf3', 'redis-server', 'redis-benchmark', 'redis-cli', 'nginx', 'wrk', 'curl')
+def processes_of(made):
+    """Processes of a run: in one of its cgroups, or naming its temp dir."""
+    cgroups = ['/%s\n' % os.path.basename(path) for path in made['cgroups'].values()]
     found = []
     for pid in os.listdir('/proc'):
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -52,21 +50,26 @@ def our_processes():
                 cgroup = f.read()
         except OSError:
             continue
-        if ('/%s-' % apps.PREFIX in cgroup or '/%s-' % apps.PREFIX in cmdline
-                or (cmdline.startswith(tools) and any(p in cmdline for p in ports))):
+        if any(c in cgroup for c in cgroups) or made['workdir'] in cmdline:
             found.append((int(pid), cmdline))
     return found
 
 
-def leftovers():
+def made_by(stderr):
+    """What a run says it made (its first log lines): names random per run, so runs of this test
+    elsewhere on the machine at the same time are told apart."""
+    found = re.search(r'made: (\{.*\})$', stderr, re.M)
+    assert found, stderr[-3000:]
+    return json.loads(found.group(1))
+
+
+def left_of(made):
+    """What still exists of what a run made."""
     netns = subprocess.run(['ip', 'netns', 'list'], capture_output=True, text=True).stdout
-    return dict(
-        netns=sorted(line.split()[0] for line in netns.splitlines()
-                     if line.startswith(apps.PREFIX + '-')),
-        cgroups=sorted(glob.glob(os.path.join(hostenv.cgroup2_mount(), apps.PREFIX + '-*'))),
-        pins=sorted(glob.glob(os.path.join(BPFFS, apps.PREFIX + '-*'))),
-        temp_dirs=sorted(glob.glob(os.path.join(tempfile.gettempdir(), apps.PREFIX + '-*'))),
-        processes=our_processes())
+    paths = list(made['cgroups'].values()) + [made['pin_dir'], made['workdir'], made['record']]
+    return dict(netns=[made['netns']] if made['netns'] in netns.split() else [],
+                paths=[p for p in paths if os.path.exists(p)],
+                processes=processes_of(made))
 
 
 def command(out):
@@ -76,18 +79,18 @@ def command(out):
 @pytest.fixture(scope='module')
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp('apps')
-    before = leftovers()
     start = time.monotonic()
     proc = subprocess.run(command(out), capture_output=True, text=True, timeout=600)
     seconds = time.monotonic() - start
-    after = leftovers()
+    made = made_by(proc.stderr)
+    left = left_of(made)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out / 'results.json') as f:
         result = json.load(f)
     with open(out / 'results.md') as f:
         md = f.read()
     return dict(result=result, md=md, stdout=proc.stdout, stderr=proc.stderr, seconds=seconds,
-                before=before, after=after)
+                made=made, left=left)
 
 
 def cells(result):
@@ -98,7 +101,8 @@ def test_every_application_completes_without_errors(quick):
     result = quick['result']
     assert result['mode'] == 'quick' and result['repeats'] >= 1
     assert set(cells(result)) == {'redis P1', 'redis P16', 'nginx 1k.bin', 'nginx 1m.bin',
-                                  'nginx 1m.bin-nosendfile', 'iperf3 default', 'iperf3 1K'}
+                                  'nginx 1m.bin-nopush-off', 'nginx 1m.bin-sendfile-off',
+                                  'iperf3 default', 'iperf3 1K'}
     for name, cell in cells(result).items():
         for path in apps.PATHS:
             samples = cell['samples'][path]
@@ -122,6 +126,9 @@ def test_every_application_completes_without_errors(quick):
 
 
 def test_every_redirect_sample_proves_the_path_its_bytes_took(quick):
+    build = quick['result']['build']
+    # the role's build: BCC on this host (no small-write switch, every cell redirected)
+    assert build == apps.BUILDS[0] == 'bcc'
     for name, cell in cells(quick['result']).items():
         for s in cell['samples']['redirect']:
             proof, c = s['proof'], s['counters']
@@ -132,16 +139,20 @@ def test_every_redirect_sample_proves_the_path_its_bytes_took(quick):
             assert c['not_admitted_peer'] == c['not_admitted_early_data'] == 0, name
             assert c['insert_full'] == c['insert_failed'] == c['demotion_refused'] == 0, name
             assert c['redirected_bytes'] > 0 and c['redirected_msgs'] > 0, name
-            if cell['app'] in ('redis', 'nginx') or cell['variant'] == 'default':
+            small_writes = cell['app'] == 'iperf3' and cell['variant'] == '1K'
+            if not small_writes or build == 'bcc':
                 assert cell['expect'] == apps.PATH_REDIRECTED
                 low, high = proof['app_bytes']
                 assert low <= c['redirected_bytes'] <= high, (name, c, proof['app_bytes'])
-                assert c['demoted_small_writes'] == c['removed'] == 0, name
+                assert c['demoted_small_writes'] == 0, name
+                # only a socket whose peer closed first may have gone TCP and left
+                assert c['removed'] <= 2 * c['tcp_peer_absent'] <= 4 * s['tcp']['active_opens'], name
                 assert s['tcp']['lo_packets'] <= proof['lo_packet_budget'], name
             else:
-                # iperf3 -l 1K: the data connection's small writes went TCP, for good
+                # iperf3 -l 1K: the data connection's small writes went TCP, for good,
+                # and its sender left the map (its receiver may follow once drained)
                 assert cell['expect'] == apps.PATH_DEMOTED
-                assert c['demoted_small_writes'] == c['removed'] == 1, (name, c)
+                assert c['demoted_small_writes'] == 1 and 1 <= c['removed'] <= 2, (name, c)
                 assert c['redirected_bytes'] < s['received_bytes'] / 2, name
                 assert s['tcp']['lo_bytes'] >= s['received_bytes'] - c['redirected_bytes'], name
 
@@ -163,8 +174,8 @@ def test_the_report_has_every_table_and_a_ratio_for_every_proven_cell(quick):
     for heading in ('## redis-server + redis-benchmark', '## nginx + wrk', '## iperf3',
                     "## Which path the bytes took"):
         assert heading in md
-    # 4 redis rows, 3 nginx rows, 2 iperf3 rows: each with a ratio, since each proof held
-    assert md.count('x** |') == 9, md
+    # 4 redis rows, 4 nginx rows, 2 iperf3 rows: each with a ratio, since each proof held
+    assert md.count('x** |') == 10, md
     assert 'UNPROVEN' not in md and 'FAILED' not in md
     for cell in quick['result']['cells']:
         assert '| %s |' % cell['name'] in md
@@ -173,13 +184,15 @@ def test_the_report_has_every_table_and_a_ratio_for_every_proven_cell(quick):
 
 
 def test_nothing_is_left_behind(quick):
-    made = quick['result']['made']
-    assert quick['after'] == quick['before']
-    assert not subprocess.run(['ip', 'netns', 'list'], capture_output=True,
-                              text=True).stdout.count(made['netns'])
-    for path in list(made['cgroups'].values()) + [made['pin_dir'], made['workdir'], made['record']]:
-        assert not os.path.exists(path), path
-    assert not our_processes()
+    made = quick['made']
+    assert made == quick['result']['made']
+    assert made['netns'].startswith(apps.PREFIX + '-')
+    assert made['pin_dir'].startswith(os.path.join(BPFFS, apps.PREFIX + '-'))
+    assert made['workdir'].startswith(os.path.join(tempfile.gettempdir(), apps.PREFIX + '-'))
+    for path in made['cgroups'].values():
+        assert os.path.dirname(path) == hostenv.cgroup2_mount()
+    # netns, cgroups, pins, bpf_program's record, temp dir, processes
+    assert quick['left'] == dict(netns=[], paths=[], processes=[])
 
 
 def read_until(proc, marker, timeout):
@@ -199,15 +212,17 @@ def read_until(proc, marker, timeout):
 
 def test_an_interrupted_run_removes_everything(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the applications run."""
-    before = leftovers()
     # unbuffered bytes: select() sees every line not yet read
     proc = subprocess.Popen(command(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             bufsize=0, start_new_session=True)
     try:
         seen = read_until(proc, ' repeat 1 ', timeout=300)
+        made = made_by(seen)
         # the first sample ran: servers, cgroups, netns, pins all exist
-        during = leftovers()
-        assert during['netns'] and during['cgroups'] and during['pins'] and during['processes']
+        during = left_of(made)
+        assert during['netns'] and during['processes'], during
+        assert set(during['paths']) == set(made['cgroups'].values()) | {made['pin_dir'], made['workdir'],
+                                                                          made['record']}
         os.killpg(proc.pid, signal.SIGINT)
         rest = proc.stderr.read().decode(errors='replace')
         assert proc.wait(timeout=120) == 130, seen + rest
@@ -216,14 +231,15 @@ def test_an_interrupted_run_removes_everything(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert leftovers() == before
+    assert left_of(made) == dict(netns=[], paths=[], processes=[])
     assert not os.path.exists(tmp_path / 'results.json')
 
 
 # ---- the proof logic, on made-up samples -------------------------------------------------
 
 def made_up(app, expect, **counters):
-    cell = next(c for c in apps.CELLS if c['app'] == app and c['expect'] == expect)
+    cell = dict(next(c for c in apps.CELLS if c['app'] == app
+                     and expect in (c['expect'], c.get('expect_switch'))), expect=expect)
     c = {k: 0 for k in ('redirected_msgs', 'redirected_bytes', 'passed_msgs', 'passed_bytes',
                         'inserted', 'insert_full', 'insert_failed', 'not_admitted_peer',
                         'not_admitted_early_data', 'demoted_small_writes', 'tcp_peer_absent',
@@ -257,13 +273,16 @@ def made_up(app, expect, **counters):
     ('nginx', apps.PATH_REDIRECTED, dict(tcp_peer_absent=2, passed_msgs=40, passed_bytes=60 * apps.MIB),
      ['passed_only_a_last_reply']),
     ('nginx', apps.PATH_REDIRECTED, dict(not_admitted_peer=1), ['no_other_decision']),
-    ('nginx', apps.PATH_REDIRECTED, dict(demoted_small_writes=1, removed=1),
-     ['nothing_demoted_or_removed']),
-    ('nginx', apps.PATH_REDIRECTED, dict(removed=1),
-     ['nothing_demoted_or_removed', 'removed_only_after_tcp']),
+    ('nginx', apps.PATH_REDIRECTED, dict(demoted_small_writes=1, removed=1), ['nothing_demoted']),
+    ('nginx', apps.PATH_REDIRECTED, dict(removed=1), ['removed_only_after_tcp']),
+    ('nginx', apps.PATH_REDIRECTED, dict(tcp_peer_absent=1, passed_msgs=1, passed_bytes=100,
+                                         removed=2), []),
     ('iperf3', apps.PATH_DEMOTED, {}, []),
     ('iperf3', apps.PATH_DEMOTED, dict(demoted_small_writes=0, removed=0),
      ['stream_demoted_once', 'demoted_socket_left_the_map']),
+    ('iperf3', apps.PATH_DEMOTED, dict(removed=2), []),
+    ('iperf3', apps.PATH_DEMOTED, dict(removed=3), ['demoted_socket_left_the_map',
+                                                    'removed_only_after_tcp']),
     ('iperf3', apps.PATH_DEMOTED, dict(redirected_bytes=250 * apps.MIB),
      ['counted_no_more_than_written', 'most_bytes_over_tcp']),
 ])
