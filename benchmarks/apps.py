@@ -4,6 +4,7 @@
     sudo .venv/bin/python benchmarks/apps.py --quick [--out DIR]   # under a minute
     sudo .venv/bin/python benchmarks/apps.py --full  [--out DIR]   # about ten minutes
     sudo .venv/bin/python benchmarks/apps.py --quick --only nginx  # one application
+    sudo .venv/bin/python benchmarks/apps.py --quick --build object
 
 Real applications from Debian packages, each server started by this run with
 a configuration of its own (never the system service), in a network
@@ -12,7 +13,10 @@ namespace made for the run, server and client bound to 127.0.0.1:
   loopback  server and client in a child cgroup with nothing attached;
   redirect  server and client in a sibling child cgroup where ansible-playbook
             converged this collection's programs (bpf_program + bpf_attach,
-            the task lists tests/support/plays.py shares with benchmarks/run.py).
+            the task lists tests/support/plays.py shares with benchmarks/run.py):
+            compiled by BCC on this host as the role does (the default), or
+            the prebuilt object with --build object (the build that has the
+            small-write switch: iperf3's 1 KiB writes then go TCP).
 
 Each path has its own server (own port) for the whole run; the cells are
 measured interleaved (loopback and redirect alternate which goes first),
