@@ -258,3 +258,14 @@ def test_config_write_refuses_a_bad_value_before_writing(play, pin_dir, values, 
     assert words in err.value.msg
     with pytest.raises(BpfError, match='expected an array'):
         mapvalues.write_array(pin_dir + '/test_hash', {0: b'\0' * 8})
+
+
+def test_an_object_the_verifier_refuses_fails_with_its_log_and_leaves_nothing(play, pin_dir):
+    bad = os.path.join(REPO, 'tests', 'data', 'bpf', 'verifier_reject.bpf.o')
+    result = play([load(pin_dir, obj=bad)])
+    assert result.rc != 0
+    res = result.tasks['load']
+    assert res['param'] == 'object' and 'the kernel refused' in res['msg'], res
+    assert 'invalid access to packet' in res['msg'] and 'verifier_reject.bpf.c:24' in res['msg'], res
+    assert 'invalid access to packet, off=0 size=1, R2(id=0,off=0,r=0)' in res['verifier_output']
+    assert not os.path.exists(pin_dir) and not os.path.exists(program.record_path(pin_dir))

@@ -280,7 +280,6 @@ _OBJECT_API = {
     'bpf_program__name': (ctypes.c_char_p, [_P]),
     'bpf_program__section_name': (ctypes.c_char_p, [_P]),
     'bpf_program__type': (ctypes.c_int, [_P]),
-    'bpf_program__set_autoload': (ctypes.c_int, [_P, ctypes.c_bool]),
     'bpf_program__fd': (ctypes.c_int, [_P]),
     'bpf_map__name': (ctypes.c_char_p, [_P]),
     'bpf_map__type': (ctypes.c_int, [_P]),
@@ -377,10 +376,6 @@ class BpfObject(object):
                     max_entries=api.bpf_map__max_entries(m), flags=api.bpf_map__map_flags(m))
 
     @staticmethod
-    def set_autoload(prog, on):
-        _check(typed().bpf_program__set_autoload(prog, on), 'selecting programs to load')
-
-    @staticmethod
     def reuse_map(m, fd):
         """Make the object use the existing map fd (libbpf dups it) instead of creating one."""
         _check(typed().bpf_map__reuse_fd(m, fd), 'reusing a pinned map')
@@ -388,7 +383,7 @@ class BpfObject(object):
     def load(self):
         rc = typed().bpf_object__load(self.obj)
         if rc < 0:
-            raise BpfError('loading %s failed: %s' % (self.path, os.strerror(-rc)),
+            raise BpfError('bpf_object__load: %s' % os.strerror(-rc),
                            details={'errno': errno.errorcode.get(-rc, str(-rc))})
 
     def verifier_log(self):

@@ -125,17 +125,12 @@ class ObjectSet(program.ProgramSet):
         try:
             if created_dir:
                 os.makedirs(self.pin_dir, mode=0o700)
-            reshaped = self.reshaped_maps()
-            if reshaped and not self.recreate_maps:
-                self.check_shapes()  # raises
-            for m in sorted(reshaped):  # set aside, restored if anything below fails
+            self.check_shapes()  # raises unless recreate_maps; the state may have moved since the plan
+            for m in sorted(self.reshaped_maps()):  # set aside, restored if anything below fails
                 os.rename(self.pin(m), self.pin(m + '__replaced'))
                 set_aside.append(m)
             obj = self._open()
-            wanted = set(p['name'] for p in self.programs)
             progs = obj.programs()
-            for name, prog in progs.items():
-                obj.set_autoload(prog, name in wanted)
             maps = obj.maps()
             reused = set()
             for m in self.maps:
