@@ -2,7 +2,7 @@
 """Redis, nginx and iperf3: plain TCP loopback versus the collection's redirect, side by side.
 
     sudo .venv/bin/python benchmarks/apps.py --quick [--out DIR]   # under a minute
-    sudo .venv/bin/python benchmarks/apps.py --full  [--out DIR]   # about ten minutes
+    sudo .venv/bin/python benchmarks/apps.py --full  [--out DIR]   # six to ten minutes
     sudo .venv/bin/python benchmarks/apps.py --quick --only nginx  # one application
     sudo .venv/bin/python benchmarks/apps.py --quick --build object
 
@@ -91,8 +91,8 @@ MODES = {
     # down before a sample, after a disturbed one (benchmarks/run.py's rule)
     'quick': dict(repeats=1, redis_requests={1: 20000, 16: 100000}, wrk_seconds=1, iperf_seconds=1,
                   quiet_wait=3),
-    'full': dict(repeats=5, redis_requests={1: 60000, 16: 400000}, wrk_seconds=4, iperf_seconds=4,
-                 quiet_wait=300),
+    'full': dict(repeats=5, redis_requests={1: 40000, 16: 300000}, wrk_seconds=3, iperf_seconds=3,
+                 quiet_wait=120),
 }
 
 PATH_REDIRECTED = 'redirected'
