@@ -1057,8 +1057,9 @@ def markdown(result):
         values = [c[step]['seconds'] for c in result['ansible']['cycles']]
         lines.append('| %s | %s | %.2f |' % (label, ' | '.join('%.2f' % v for v in values),
                                              statistics.median(values)))
-    lines += ['', 'Kernel header cache %s before the first converge.'
-              % ('present' if result['ansible']['headers_cache_present'] else 'absent')]
+    if result['build'] == 'bcc':
+        lines += ['', 'Kernel header cache %s before the first converge.'
+                  % ('present' if result['ansible']['headers_cache_present'] else 'absent')]
 
     lines += ['', '## Targets of issue 11', ''] + targets_table(result['targets'])
     return '\n'.join(lines) + '\n'
