@@ -107,7 +107,7 @@ MODES = {
         pingpong_sizes=[64, KIB], pingpong_placements=['same', 'split'],
         pairs=64, pairs_sizes=[KIB, 64 * KIB],
         remote_sizes=[64 * KIB, KIB],
-        duration=1.0, repeats=5, ansible_cycles=3, retake_budget=0.5, quiet_wait=900),
+        duration=1.0, repeats=5, ansible_cycles=3, retake_budget=0.5, quiet_wait=300),
 }
 
 # The remote peer's network: a veth pair between the run's namespace and a
