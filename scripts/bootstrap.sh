@@ -6,8 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# ansible-test sanity (tests/test_quality.py) runs shellcheck on the scripts
 packages=(python3-bpfcc bpftool clang linux-headers-amd64 socat iperf3 sockperf
-          iproute2 python3-venv python3-pip util-linux procps python3-matplotlib)
+          iproute2 python3-venv python3-pip util-linux procps python3-matplotlib
+          shellcheck)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
