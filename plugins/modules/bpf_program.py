@@ -37,17 +37,11 @@ requirements:
   - Linux with BPF, cgroup-bpf and sockmap (C(CONFIG_BPF_SYSCALL), C(CONFIG_CGROUP_BPF), C(CONFIG_NET_SOCK_MSG)).
   - bcc Python bindings (Debian/Ubuntu C(python3-bpfcc); the PyPI package named C(bcc) is unrelated).
     If the interpreter running the module lacks them, the module re-runs itself under C(/usr/bin/python3).
-  - libbpf (C(libbpf1), a dependency of C(python3-bpfcc)).
   - Kernel headers for BCC, see O(kernel_headers).
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
-  platform:
-    platforms: linux
+  - ebpf.sockredir.sockredir
+  - ebpf.sockredir.sockredir.actions
 options:
   state:
     description: V(present) loads and pins; V(absent) unpins.
