@@ -131,7 +131,11 @@ def prepare_test_home(bindir, wheels=True):
     makes the sanity virtualenvs install from it only."""
     package = ansible_test_dir(bindir)
     with open(os.path.join(package, '_internal', 'python_requirements.py')) as f:
-        version = re.search(r"pip='([0-9.]+)'", f.read()).group(1)
+        text = f.read()
+    version = re.search(r"pip='([0-9.]+)'", text).group(1)
+    # older ansible-test (2.16) also bootstraps these next to pip
+    bootstrap = ['%s==%s' % (name, found.group(1)) for name, found in
+                 ((n, re.search(r"%s='([0-9.]+)'" % n, text)) for n in ('setuptools', 'wheel')) if found]
     cache = os.path.join(TEST_HOME, '.ansible', 'test', 'cache')
     wheelhouse = os.path.join(TEST_HOME, 'wheelhouse')
     os.makedirs(cache, exist_ok=True)
@@ -152,6 +156,10 @@ def prepare_test_home(bindir, wheels=True):
             digest.update(f.read())
     marker = os.path.join(wheelhouse, '.done-%s-%s' % (core_version(bindir)[1], digest.hexdigest()[:16]))
     if wheels and not os.path.exists(marker):
+        if bootstrap:
+            rc, out = run([os.path.join(bindir, 'python'), '-m', 'pip', 'download', '-q', '--no-deps',
+                           '--disable-pip-version-check', '-d', wheelhouse] + bootstrap, timeout=600)
+            assert rc == 0, 'cannot download %s for ansible-test: %s' % (bootstrap, out)
         for req in requirements:
             rc, out = run([os.path.join(bindir, 'python'), '-m', 'pip', 'download', '-q',
                            '--disable-pip-version-check', '-d', wheelhouse, '-r', req], timeout=600)
