@@ -182,7 +182,8 @@ def collection_copy(tmp_path_factory):
 
 
 def ansible_test(collection, bindir, *args):
-    env = controller_env(HOME=prepare_test_home(bindir, wheels=args[0] == 'sanity'), PATH=bindir + os.pathsep + os.environ.get('PATH', ''))
+    env = controller_env(HOME=prepare_test_home(bindir, wheels=args[0] == 'sanity'),
+                         PATH=bindir + os.pathsep + os.environ.get('PATH', ''))
     env.pop('ANSIBLE_COLLECTIONS_PATH')  # ansible-test finds the collection from the working directory
     rc, out = run([os.path.join(bindir, 'python'), '-c', 'import sys; print("%d.%d" % sys.version_info[:2])'])
     return run([os.path.join(bindir, 'ansible-test')] + list(args) + ['--python', out.strip(), '--color', 'no'],
