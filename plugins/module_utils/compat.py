@@ -380,7 +380,7 @@ def _run(check, helper, mode, pin_dir):
 
 def run_checks(obj_path, checks=None, made=None):
     """Run the checks through the object's programs; the report. made (a dict) is filled with
-    what was created (pin_dir, cgroups, helper_pid, netns_inode), for whoever wants to verify
+    what was created (pin_dir, cgroups, program_ids, helper_pid, netns_inode), for whoever verifies
     that it is gone."""
     checks = CHECKS if checks is None else checks
     made = {} if made is None else made
@@ -398,6 +398,7 @@ def run_checks(obj_path, checks=None, made=None):
         made['pin_dir'] = pin_dir
         stack.callback(_unpin_all, pin_dir)
         objloader.ObjectSet(pin_dir, obj_path).load_and_pin()
+        made['program_ids'] = sorted(p['id'] for p in facts.pin_dir_facts(pin_dir)['programs'].values())
         # sk_msg on the sockhash first: a socket inserted by sock_ops is then redirected at once
         _attach(stack, os.path.join(pin_dir, MSG), lambda: libbpf.obj_get(os.path.join(pin_dir, HASH)),
                 libbpf.ATTACH_SK_MSG_VERDICT, 0)
@@ -471,20 +472,23 @@ def _write(dir_fd, cache_dir, name, report):
         raise
 
 
-def report(obj_path=None, refresh=False, check_mode=False, cache_dir=CACHE_DIR):
+def report(obj_path=None, refresh=False, check_mode=False, cache_dir=CACHE_DIR, made=None):
     """The report of this kernel release: from the cache, or measured (run_checks) and cached.
 
     Measured when there is no cached report, refresh is set, or the cached one was measured with
-    another object. check_mode: the cached report only (None without one). The returned dict has
-    from_cache, which is not stored.
+    another object than obj_path. Without obj_path: the cached report, whatever object it was
+    measured with. check_mode: the cached report only (None without one). The returned dict has
+    from_cache, which is not stored. made: as for run_checks.
     """
     release = os.uname().release
-    if check_mode:
+    if check_mode or (obj_path is None and not refresh):
         found = cached(cache_dir, release)
-        return dict(found, from_cache=True) if found else None
+        if found or check_mode:
+            return dict(found, from_cache=True) if found else None
     if obj_path is None:
-        raise BpfError('compat_object: the path of the prebuilt object (sockredir.bpf.o) on the host '
-                       'is needed to measure', param='compat_object')
+        raise BpfError('compat_object: no report of kernel %s is cached in %s; measuring one needs the '
+                       'path of the prebuilt object (files/bpf/sockredir.bpf.o of this collection, '
+                       'copied to the host)' % (release, cache_dir), param='compat_object')
     dir_fd = _cache_dir_fd(cache_dir)
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)  # one measurement at a time; the others then read it
@@ -492,7 +496,7 @@ def report(obj_path=None, refresh=False, check_mode=False, cache_dir=CACHE_DIR):
         found = cached(cache_dir, release)
         if found and not refresh and found.get('object_sha256') == sha:
             return dict(found, from_cache=True)
-        fresh = run_checks(obj_path)
+        fresh = run_checks(obj_path, made=made)
         _write(dir_fd, cache_dir, cache_name(release), fresh)
         return dict(fresh, from_cache=False)
     finally:
