@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from conftest import OBJECT, REPO, run_play
-from ansible_collections.ebpf.sockredir.plugins.module_utils import compat, libbpf
+from conftest import BPFFS, OBJECT, REPO, hostenv, remove_pin_dir, run_play
+from ansible_collections.ebpf.sockredir.plugins.module_utils import compat, libbpf, objloader
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
 RELEASE = os.uname().release
@@ -64,8 +64,8 @@ def _program_exists(prog_id):
 
 
 def assert_nothing_left(made, timeout=10):
-    assert made.get('pin_dir') and len(made.get('cgroups', [])) == 2, made
-    assert not os.path.lexists(made['pin_dir'])
+    assert len(made.get('cgroups', [])) == 2, made
+    assert not os.path.lexists(made.get('pin_dir', '/nonexistent'))
     for cg in made['cgroups']:
         assert not os.path.exists(cg)
     if 'helper_pid' in made:
@@ -75,8 +75,7 @@ def assert_nothing_left(made, timeout=10):
     deadline = time.monotonic() + timeout
     while any(_program_exists(i) for i in made.get('program_ids', [])) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert made.get('program_ids') is not None
-    assert not [i for i in made['program_ids'] if _program_exists(i)]
+    assert not [i for i in made.get('program_ids', []) if _program_exists(i)]
 
 
 @pytest.fixture(scope='module')
@@ -122,6 +121,7 @@ def test_report_shows_the_known_differences_and_tfo_as_tcp(measured):
 
 def test_nothing_left_after_a_run(measured):
     _rep, made, _took, sockets_before = measured
+    assert len(made['program_ids']) == 2 and made['pin_dir']
     assert_nothing_left(made)
     assert _socket_fds() <= sockets_before
 
@@ -176,7 +176,7 @@ def test_a_check_that_raises_leaves_nothing_behind():
     checks = dict(fionread=compat.CHECKS['fionread'], zz_boom=(boom, 'nobody'))
     with pytest.raises(RuntimeError, match='injected failure'):
         compat.run_checks(OBJECT, checks=checks, made=made)
-    assert 'helper_pid' in made
+    assert 'helper_pid' in made and len(made['program_ids']) == 2
     assert_nothing_left(made)
     assert _socket_fds() <= before
 
@@ -187,6 +187,26 @@ def test_a_helper_that_fails_leaves_nothing_behind(monkeypatch):
     with pytest.raises(BpfError, match='no namespace for you'):
         compat.run_checks(OBJECT, made=made)
     assert_nothing_left(made)
+
+
+def test_sock_ops_programs_inherited_from_above_are_refused():
+    # sockredir scoped to a parent (the whole host, say) would redirect the plain TCP control too
+    pin_dir = os.path.join(BPFFS, hostenv.unique_name('compat'))
+    with hostenv.child_cgroup('compat') as parent:
+        try:
+            objloader.ObjectSet(pin_dir, OBJECT).load_and_pin()
+            with libbpf.Fd(libbpf.obj_get(os.path.join(pin_dir, compat.OPS))) as pfd, \
+                    libbpf.Fd(os.open(parent, os.O_RDONLY | os.O_DIRECTORY)) as cfd:
+                libbpf.prog_attach(pfd, cfd, libbpf.ATTACH_CGROUP_SOCK_OPS, libbpf.F_ALLOW_MULTI)
+                ours = libbpf.prog_info(pfd)['id']
+            made = {}
+            with pytest.raises(BpfError, match='would not be plain TCP') as e:
+                compat.run_checks(OBJECT, made=made, parent=parent)
+            assert e.value.details['effective_sock_ops'] == [ours]
+            assert 'program_ids' not in made  # refused before loading anything
+            assert_nothing_left(made)
+        finally:
+            remove_pin_dir(pin_dir)
 
 
 def test_a_timeout_is_an_observation_not_a_hang():

@@ -316,11 +316,8 @@ class Helper(object):
 
 # -- the throwaway pins, cgroups and attachments -----------------------------
 
-def _cgroup(stack, made, name):
-    root = mounts.cgroup2_mount()
-    if root is None:
-        raise BpfError('the compatibility checks need a cgroup v2 mount; none is mounted')
-    path = os.path.join(root, name)
+def _cgroup(stack, made, parent, name):
+    path = os.path.join(parent, name)
     os.mkdir(path, 0o755)
     stack.callback(_remove_cgroup, path)
     made.setdefault('cgroups', []).append(path)
@@ -359,6 +356,20 @@ def _detach(pin, target_fd_opener, attach_type):
         libbpf.prog_detach(pfd, tfd, attach_type)
 
 
+def _require_plain(cgroup):
+    """Refuse when sock_ops programs run for cgroup from an ancestor (e.g. sockredir scoped to
+    the whole host): the plain run would not be plain TCP, and the report would be wrong."""
+    with libbpf.Fd(os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)) as fd:
+        ids = libbpf.prog_query(fd, libbpf.ATTACH_CGROUP_SOCK_OPS, libbpf.F_QUERY_EFFECTIVE)[1]
+    if ids:
+        raise BpfError('compat: sock_ops programs (ids %s) are attached to a cgroup above %s, so '
+                       'they also run for the checks\' plain TCP control, and what it observes would '
+                       'not be plain TCP (is socket redirection scoped to the whole host?). Measure '
+                       'before attaching there, or on a host of the same kernel release without it'
+                       % (', '.join(str(i) for i in ids), os.path.dirname(cgroup)), param='compat',
+                       details=dict(effective_sock_ops=ids))
+
+
 def _counters(pin_dir):
     return facts.pin_dir_facts(pin_dir)['counters']
 
@@ -378,12 +389,16 @@ def _run(check, helper, mode, pin_dir):
     return seen, dict((k, after[k] - before[k]) for k in after if after[k] != before[k])
 
 
-def run_checks(obj_path, checks=None, made=None):
-    """Run the checks through the object's programs; the report. made (a dict) is filled with
-    what was created (pin_dir, cgroups, program_ids, helper_pid, netns_inode), for whoever verifies
-    that it is gone."""
+def run_checks(obj_path, checks=None, made=None, parent=None):
+    """Run the checks through the object's programs; the report. The throwaway cgroups are made
+    in parent (default: the root of the cgroup v2 mount). made (a dict) is filled with what was
+    created (pin_dir, cgroups, program_ids, helper_pid, netns_inode), for whoever verifies that
+    it is gone."""
     checks = CHECKS if checks is None else checks
     made = {} if made is None else made
+    parent = parent or mounts.cgroup2_mount()
+    if parent is None:
+        raise BpfError('the compatibility checks need a cgroup v2 mount; none is mounted')
     obj_bytes = objloader.read_trusted(obj_path)
     bpffs = mounts.mount_points('bpf')
     if not bpffs:
@@ -393,8 +408,9 @@ def run_checks(obj_path, checks=None, made=None):
     out = dict(kernel=os.uname().release, object_sha256=hashlib.sha256(obj_bytes).hexdigest(),
                checks={})
     with contextlib.ExitStack() as stack:
-        redirected = _cgroup(stack, made, '%s-%s' % (PREFIX, suffix))
-        plain = _cgroup(stack, made, '%s-%s-tcp' % (PREFIX, suffix))
+        redirected = _cgroup(stack, made, parent, '%s-%s' % (PREFIX, suffix))
+        plain = _cgroup(stack, made, parent, '%s-%s-tcp' % (PREFIX, suffix))
+        _require_plain(plain)
         made['pin_dir'] = pin_dir
         stack.callback(_unpin_all, pin_dir)
         objloader.ObjectSet(pin_dir, obj_path).load_and_pin()

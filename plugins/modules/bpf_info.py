@@ -44,7 +44,7 @@ options:
         few seconds), and the report is cached in C(/var/cache/ebpf-sockredir/compat-<release>.json)
         (root only). Later runs return the cached report, until the kernel release or the object
         changes or O(compat_refresh) is set.
-      - In check mode only a cached report is returned (none: RV(compat) is null); nothing is run.
+      - In check mode only a cached report is returned (RV(compat) is null without one); nothing is run.
     type: bool
     default: false
   compat_object:
