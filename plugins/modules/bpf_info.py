@@ -45,6 +45,9 @@ options:
         (root only). Later runs return the cached report, until the kernel release or the object
         changes or O(compat_refresh) is set.
       - In check mode only a cached report is returned (RV(compat) is null without one); nothing is run.
+      - Measuring fails, naming the program ids, while C(sock_ops) programs are attached to the root of
+        the cgroup v2 hierarchy (e.g. socket redirection scoped to the whole host), since they would also
+        run for the plain TCP control. A report cached before is still returned.
     type: bool
     default: false
   compat_object:
