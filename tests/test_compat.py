@@ -70,6 +70,7 @@ def assert_nothing_left(made, timeout=10):
         assert not os.path.exists(cg)
     if 'helper_pid' in made:
         assert not os.path.exists('/proc/%d' % made['helper_pid'])
+    if 'netns_inode' in made:
         assert _netns_in_use(made['netns_inode']) is None
     # programs are freed once nothing holds them (pins, attachments, fds): after an RCU grace period
     deadline = time.monotonic() + timeout
@@ -186,6 +187,20 @@ def test_a_helper_that_fails_leaves_nothing_behind(monkeypatch):
     made = {}
     with pytest.raises(BpfError, match='no namespace for you'):
         compat.run_checks(OBJECT, made=made)
+    assert_nothing_left(made)
+
+
+def test_a_helper_that_dies_during_the_checks_is_an_error_not_an_observation(monkeypatch):
+    # ready, then gone at the first request (in the caller's namespace: no namespace of its own to check)
+    monkeypatch.setattr(compat, 'HELPER', 'import os, socket, sys\n'
+                        'ctl = socket.socket(fileno=int(sys.argv[1]))\n'
+                        'ctl.send(b"ready %d" % os.stat("/proc/self/ns/net").st_ino)\n'
+                        'ctl.recv(16)\n'
+                        'sys.exit("helper gone")\n')
+    made = {}
+    with pytest.raises(BpfError, match='helper process failed .*helper gone'):
+        compat.run_checks(OBJECT, made=made)
+    assert made.pop('netns_inode') == os.stat('/proc/self/ns/net').st_ino
     assert_nothing_left(made)
 
 

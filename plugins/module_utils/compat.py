@@ -279,7 +279,7 @@ class Helper(object):
     """The helper process (HELPER), in a network namespace of its own."""
 
     def __init__(self, redirected_cgroup, plain_cgroup):
-        self.stderr = ''
+        self.stderr, self.closed = '', False
         self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
@@ -288,23 +288,41 @@ class Helper(object):
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         finally:
             theirs.close()
-        self.ctl.settimeout(10)
         try:
-            ready = self.ctl.recv(64)
-        except socket.timeout:
-            ready = b''
-        if not ready.startswith(b'ready '):
+            self.ctl.settimeout(10)
+            try:
+                ready = self.ctl.recv(64)
+            except socket.timeout:
+                ready = b''
+            if not ready.startswith(b'ready '):
+                self.close()
+                raise BpfError('the compatibility checks could not set up a network namespace: %s'
+                               % (self.stderr or 'the helper did not answer'))
+            self.netns_inode = int(ready.split()[1])
+        except BaseException:
             self.close()
-            raise BpfError('the compatibility checks could not set up a network namespace: %s'
-                           % (self.stderr or 'the helper did not answer'))
-        self.netns_inode = int(ready.split()[1])
+            raise
 
     def socket(self, mode):
-        self.ctl.send(mode.encode())
-        _msg, fds, _flags, _addr = socket.recv_fds(self.ctl, 16, 1)
+        # not an OSError when it fails: a broken helper is no observation of a check
+        try:
+            self.ctl.send(mode.encode())
+            _msg, fds, _flags, _addr = socket.recv_fds(self.ctl, 16, 1)
+        except OSError as e:
+            fds, problem = [], _errname(e)
+        else:
+            problem = 'no socket came back'
+        if not fds:
+            self.close()
+            raise BpfError('the compatibility checks\' helper process failed (%s): %s'
+                           % (problem, self.stderr or 'it said nothing'))
         return socket.socket(fileno=fds[0])
 
     def close(self):
+        """Ends the helper (idempotent); its error output is in .stderr."""
+        if self.closed:
+            return
+        self.closed = True
         self.ctl.close()  # EOF: the helper exits
         try:
             _out, err = self.proc.communicate(timeout=5)
