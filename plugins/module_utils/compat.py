@@ -140,7 +140,7 @@ def msg_waitall(net):
 
     def send():
         time.sleep(0.1)
-        for _ in range(8):
+        for _message in range(8):
             client.sendall(b'w' * 1000)
             time.sleep(0.02)
 
@@ -186,7 +186,7 @@ def reset_then_send(net):
     client.close()  # unread data in its queue: the kernel resets the connection
     time.sleep(0.2)
     outcomes = []
-    for _ in range(3):
+    for _attempt in range(3):
         try:
             server.send(b'after')
             outcomes.append('ok')
@@ -445,7 +445,7 @@ def run_checks(obj_path, checks=None, made=None, parent=None):
         for name in sorted(checks):
             check, affects = checks[name]
             seen_redirected, path = _run(check, helper, 'r', pin_dir)
-            seen_tcp, _ = _run(check, helper, 'p', pin_dir)
+            seen_tcp, _tcp_counters = _run(check, helper, 'p', pin_dir)
             out['checks'][name] = dict(same_as_tcp=seen_redirected == seen_tcp, redirected=seen_redirected,
                                        tcp=seen_tcp, affects=affects, counters=path,
                                        what=(check.__doc__ or '').strip())
