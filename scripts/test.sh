@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, on this host's real kernel (run as root): installs what
-# it needs, runs the molecule scenarios (this host; a Debian 12 guest with
-# kernel 6.1 under qemu, whose image is built on first use; the same guest
-# without sockmap), then pytest (unit, module lifecycle, traffic, bad input,
+# it needs, runs the molecule scenarios (this host; the kernel matrix under
+# qemu: a Debian 12 guest with kernel 6.1 and a Debian 13 guest with kernel
+# 6.12, each image built on first use; the Debian 12 guest without sockmap),
+# then pytest (unit, module lifecycle, traffic, bad input,
 # build, role, boot unit, quality gates, reliability, benchmark quick mode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ bash scripts/bootstrap.sh
 export ANSIBLE_COLLECTIONS_PATH="$PWD/.venv/collections"
 export PATH="$PWD/.venv/bin:$PATH"
 molecule test -s default
-molecule test -s vm
-molecule test -s vm-nosockmap
+SOCKREDIR_VM_SUITE=bookworm molecule test -s vm
+SOCKREDIR_VM_SUITE=trixie molecule test -s vm
+SOCKREDIR_VM_SUITE=bookworm molecule test -s vm-nosockmap
 pytest -q -p no:cacheprovider tests

@@ -6,6 +6,7 @@
 #   bash scripts/vm-image.sh            build if needed; print the image directory
 #   bash scripts/vm-image.sh --path     only print where the image is (or would be)
 #   bash scripts/vm-image.sh --rebuild  build again even if cached
+#   bash scripts/vm-image.sh --sources  only print the mirror entries the guest gets
 #
 # The suite is $SOCKREDIR_VM_SUITE (or --suite SUITE before the mode):
 #
@@ -55,7 +56,7 @@ FREE_MIB=1536
 
 cache_root=${SOCKREDIR_VM_CACHE:-/var/cache/ebpf-sockredir-vm}
 GUEST_SUITE=${SOCKREDIR_VM_SUITE:-bookworm}
-usage="usage: $0 [--suite $(IFS='|'; echo "${GUEST_SUITES[*]}")] [--path|--rebuild]"
+usage="usage: $0 [--suite $(IFS='|'; echo "${GUEST_SUITES[*]}")] [--path|--rebuild|--sources]"
 if [ "${1:-}" = --suite ]; then
   GUEST_SUITE=${2:-}
   shift 2 || { echo "$usage" >&2; exit 2; }
@@ -65,6 +66,7 @@ case "${1:-}" in
   "") ;;
   --path) mode=path ;;
   --rebuild) mode=rebuild ;;
+  --sources) mode=sources ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
 
@@ -117,6 +119,10 @@ image_dir="$cache_root/$GUEST_SUITE-$key"
 
 if [ "$mode" = path ]; then
   echo "$image_dir"
+  exit 0
+fi
+if [ "$mode" = sources ]; then
+  while read -r uri suite component; do echo "deb $uri $suite $component"; done <<<"$sources"
   exit 0
 fi
 
