@@ -3,8 +3,9 @@
 # it needs, runs the molecule scenarios (this host; the kernel matrix under
 # qemu: a Debian 12 guest with kernel 6.1 and a Debian 13 guest with kernel
 # 6.12, each image built on first use; the Debian 12 guest without sockmap),
-# then pytest (unit, module lifecycle, traffic, bad input,
-# build, role, boot unit, quality gates, reliability, benchmark quick mode).
+# ansible-test's integration targets of the modules, then pytest (unit,
+# module lifecycle, traffic, bad input, build, role, boot unit, quality gates,
+# reliability, benchmark quick mode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -14,4 +15,9 @@ molecule test -s default
 SOCKREDIR_VM_SUITE=bookworm molecule test -s vm
 SOCKREDIR_VM_SUITE=trixie molecule test -s vm
 SOCKREDIR_VM_SUITE=bookworm molecule test -s vm-nosockmap
+# tests/integration/targets/bpf_*: each case in check mode, for real, and both again, in a child
+# cgroup and pin root of its own. --local: on this host, under .venv's Python (made from
+# /usr/bin/python3 with system site packages, so bcc imports); about 2 min.
+bash scripts/ansible-test.sh integration --allow-destructive --local \
+  --python-interpreter "$PWD/.venv/bin/python" --color no
 pytest -q -p no:cacheprovider tests
