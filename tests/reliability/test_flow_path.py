@@ -82,7 +82,7 @@ def write_shutdown_read_reply(client, server, payload, write_size):
         outcome = None if reply == b'thanks!\n' else 'short reply %r' % reply
     except OSError as e:
         outcome = '%s after %.3fs' % (errno.errorcode.get(e.errno, e.errno),
-                                       time.monotonic() - started)
+                                      time.monotonic() - started)
     reader.join(30)
     assert got.get('n') == len(payload)
     return outcome

@@ -86,7 +86,7 @@ def one_connection(family, address, mib):
     server = {}
 
     def serve():
-        conn, _ = listener.accept()
+        conn = listener.accept()[0]
         conn.settimeout(TIMEOUT)
         with conn:
             server['received'], server['bytes'] = receive_all(conn)
