@@ -12,7 +12,6 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -69,16 +68,41 @@ class _AttachOpts(ctypes.Structure):
 
 _lib = None
 
+# libbpf 1.x only: 0.x (libbpf.so.0) returns -1 and sets errno, which _check
+# would read as EPERM. So the versioned name, never find_library('bpf').
+LIBBPF = 'libbpf.so.1'
+
+_u32p = ctypes.POINTER(ctypes.c_uint32)
+_SIGNATURES = {
+    'bpf_obj_get': ([ctypes.c_char_p], ctypes.c_int),
+    'bpf_obj_pin': ([ctypes.c_int, ctypes.c_char_p], ctypes.c_int),
+    'bpf_prog_get_fd_by_id': ([ctypes.c_uint32], ctypes.c_int),
+    'bpf_map_get_fd_by_id': ([ctypes.c_uint32], ctypes.c_int),
+    'bpf_obj_get_info_by_fd': ([ctypes.c_int, ctypes.c_void_p, _u32p], ctypes.c_int),
+    'bpf_prog_query': ([ctypes.c_int, ctypes.c_int, ctypes.c_uint32, _u32p, _u32p, _u32p], ctypes.c_int),
+    'bpf_prog_attach_opts': ([ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+    'bpf_prog_detach2': ([ctypes.c_int, ctypes.c_int, ctypes.c_int], ctypes.c_int),
+    'bpf_map_get_next_key': ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
+    'bpf_map_lookup_elem': ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
+    'libbpf_num_possible_cpus': ([], ctypes.c_int),
+    'libbpf_probe_bpf_prog_type': ([ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+    'libbpf_probe_bpf_map_type': ([ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+    'libbpf_probe_bpf_helper': ([ctypes.c_int, ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+}
+
 
 def lib():
     global _lib
     if _lib is None:
-        name = ctypes.util.find_library('bpf') or 'libbpf.so.1'
         try:
-            _lib = ctypes.CDLL(name, use_errno=True)
+            loaded = ctypes.CDLL(LIBBPF, use_errno=True)
         except OSError as e:
-            raise BpfError('libbpf (libbpf.so.1) could not be loaded: %s. Install the '
-                           'package libbpf1 (a dependency of python3-bpfcc).' % e)
+            raise BpfError('libbpf (%s) could not be loaded: %s. Install the package libbpf1 '
+                           '(a dependency of python3-bpfcc).' % (LIBBPF, e))
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            fn = getattr(loaded, name)
+            fn.argtypes, fn.restype = argtypes, restype
+        _lib = loaded
     return _lib
 
 
@@ -104,12 +128,12 @@ def obj_pin(fd, path):
 
 
 def prog_fd_by_id(prog_id):
-    return _check(lib().bpf_prog_get_fd_by_id(ctypes.c_uint32(prog_id)),
+    return _check(lib().bpf_prog_get_fd_by_id(prog_id),
                   'opening program id %d' % prog_id)
 
 
 def map_fd_by_id(map_id):
-    return _check(lib().bpf_map_get_fd_by_id(ctypes.c_uint32(map_id)),
+    return _check(lib().bpf_map_get_fd_by_id(map_id),
                   'opening map id %d' % map_id)
 
 
@@ -160,7 +184,8 @@ def prog_query(target_fd, attach_type):
         ids = (ctypes.c_uint32 * count)()
         cnt = ctypes.c_uint32(count)
         flags = ctypes.c_uint32(0)
-        rc = lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(cnt))
+        rc = lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags),
+                                   ctypes.cast(ids, _u32p), ctypes.byref(cnt))
         if rc == -errno.ENOSPC:
             count *= 4
             continue

@@ -119,6 +119,8 @@ def main():
         result = facts.execute(module.params)
     except BpfError as e:
         module.fail_json(**e.to_fail_json())
+    except OSError as e:
+        module.fail_json(msg='bpf_info: %s' % e)
     module.exit_json(**result)
 
 

@@ -1,0 +1,803 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The one converge of a sockredir instance: pin root + cgroup + options.
+
+The role (through the sockredir_instance module), the boot command and the
+tests call this, and nothing else does these steps. A run holds an flock on
+LOCK_FILE from start to end, so two runs on a host never interleave.
+
+present, in this order, each step only when the kernel's state asks for it:
+
+    sources -> load + pin -> attach sk_msg to the sockhash -> attach sock_ops
+    to the cgroup -> detach sock_ops from earlier cgroups -> record
+
+sk_msg goes first: a socket takes the sockhash's verdict program when sock_ops
+inserts it, and never later, so with this order every inserted socket is
+redirected. The record (one JSON file per pin root, RECORD_DIR) is written
+ahead of every step with what a later run or state=absent must undo: the
+cgroups we may be attached to (an earlier cgroup leaves it only after its
+detach succeeded), the source files we wrote, the mounts the role made. The
+same record is the boot spec (boot: true).
+
+plan() collects every refusal before anything changes: PREFLIGHT is the list
+of checks, one function each, each returning one line per problem.
+"""
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils import attach, facts, libbpf, loader, mounts, pins, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils import headers as kheaders
+from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
+
+# The contract with files/bpf/: what the instance loads and pins. Add programs
+# and maps here (and nowhere else) when the source gains them.
+SOCK_OPS, SK_MSG, SOCKHASH = 'sockredir_ops', 'sockredir_msg', 'sockredir_hash'
+PROGRAMS = [dict(name=SOCK_OPS, type='sock_ops'), dict(name=SK_MSG, type='sk_msg')]
+MAPS = [SOCKHASH, 'sockredir_stats']
+SOURCE = 'sockredir.bpf.c'
+
+RECORD_DIR = '/var/lib/ebpf-sockredir/instances'
+RECORD_FORMAT = 2
+LOCK_FILE = '/run/ebpf-sockredir.lock'
+BOOT_UNIT = '/etc/systemd/system/ebpf-sockredir.service'
+BOOT_LIB = '/usr/local/lib/ebpf-sockredir'
+MIN_KERNEL = (5, 15)  # bpf_get_netns_cookie() in sock_ops and sk_msg (the sockhash key)
+MAX_MAP_SIZE = 134217728  # largest sockhash the kernel creates
+MAX_PORTS = 64
+BPFFS_OPTS = 'nosuid,nodev,noexec,mode=0700'
+# Test hook: "<step>:<file>" makes a run stop after <step>, create <file>.reached
+# and wait (up to 120 s) until <file> is removed.
+PAUSE_ENV = 'SOCKREDIR_PAUSE'
+STEPS = ('record', 'sources', 'load', 'attach sk_msg', 'attach sock_ops', 'detach previous', 'done')
+
+DEFAULTS = dict(state='present', pin_root='/sys/fs/bpf/sockredir', cgroup='', bpffs_mount='/sys/fs/bpf',
+                bpffs_persist=False, cgroup2_mount='', src_dir='/usr/local/share/ebpf-sockredir/bpf',
+                sources=None, map_size=65535, allow_ports=[], deny_ports=[], kernel_headers='auto',
+                headers_cache=kheaders.DEFAULT_CACHE, recreate_maps=False, boot=False,
+                boot_python='/usr/bin/python3', mounted=[], lock_timeout=600)
+# what a boot needs again, kept in the record
+BOOT_PARAMS = ('pin_root', 'cgroup', 'bpffs_mount', 'src_dir', 'map_size', 'allow_ports', 'deny_ports',
+               'kernel_headers', 'headers_cache', 'recreate_maps', 'boot', 'boot_python')
+
+
+def record_path(pin_root, record_dir=RECORD_DIR):
+    name = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(pin_root))
+    return os.path.join(record_dir, '%s-%s.json' % (name, hashlib.sha256(pin_root.encode()).hexdigest()[:12]))
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise BpfError('record: %s is not valid JSON (%s); move it away to start over' % (path, e))
+
+
+def all_records(record_dir=RECORD_DIR):
+    """{path: record} of every instance on the host."""
+    if not os.path.isdir(record_dir):
+        return {}
+    return {os.path.join(record_dir, n): read_json(os.path.join(record_dir, n))
+            for n in sorted(os.listdir(record_dir)) if n.endswith('.json')}
+
+
+class Lock(object):
+    """flock on LOCK_FILE for a whole run: a second run waits, then fails with a message."""
+
+    def __init__(self, timeout, exclusive=True, path=LOCK_FILE):
+        self.timeout, self.exclusive, self.path, self.fd = timeout, exclusive, path, None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.timeout
+        mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+        while True:
+            try:
+                fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() >= deadline:
+                holder = os.pread(self.fd, 64, 0).decode(errors='replace').strip()
+                os.close(self.fd)
+                raise BpfError('lock_timeout: another sockredir run (%s) has held %s for more than %d s; '
+                               'nothing was changed. Run again when it has finished.'
+                               % (holder or 'pid unknown', self.path, self.timeout), param='lock_timeout')
+            time.sleep(0.1)
+        if self.exclusive:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, ('pid %d' % os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the flock
+
+
+def pause(step):
+    hook = os.environ.get(PAUSE_ENV, '')
+    if not hook.startswith(step + ':'):
+        return
+    path = hook.split(':', 1)[1]
+    with open(path + '.reached', 'w'):
+        pass
+    deadline = time.monotonic() + 120
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+# -- preflight: one function per subject, one line per problem ----------------
+
+def check_kernel(inst):
+    if inst.params['state'] != 'present':
+        return []
+    out = []
+    release = os.uname().release
+    version = tuple(int(n) for n in re.findall(r'\d+', release)[:2])
+    if version < MIN_KERNEL:
+        out.append('kernel: %s is older than %d.%d (the programs key sockets by bpf_get_netns_cookie(), '
+                   'which sock_ops and sk_msg programs have since 5.15)' % ((release,) + MIN_KERNEL))
+    f = inst.features
+    if not f['btf']:
+        out.append('kernel: /sys/kernel/btf/vmlinux is missing (a kernel built without CONFIG_DEBUG_INFO_BTF)')
+    for key, what in (('sock_ops', 'sock_ops programs (CONFIG_CGROUP_BPF)'),
+                      ('sk_msg', 'sk_msg programs (CONFIG_NET_SOCK_MSG)'),
+                      ('sockhash', 'BPF_MAP_TYPE_SOCKHASH (CONFIG_NET_SOCK_MSG)'),
+                      ('netns_cookie_in_sk_msg', 'bpf_get_netns_cookie() in sk_msg programs (5.15+)')):
+        if not f[key]:
+            out.append('kernel: no %s; the kernel refuses to load a probe of it' % what)
+    return out
+
+
+def check_options(inst):
+    p, out = inst.params, []
+    if p['state'] != 'present':
+        return out
+    ports = [x for x in p['allow_ports'] + p['deny_ports'] if not 1 <= x <= 65535]
+    if ports:
+        out.append('allow_ports/deny_ports: ports must be 1-65535, got %s' % ', '.join(map(str, ports)))
+    for name in ('allow_ports', 'deny_ports'):
+        if len(p[name]) > MAX_PORTS:
+            out.append('%s: at most %d ports are compiled in, got %d' % (name, MAX_PORTS, len(p[name])))
+    if not 1 <= p['map_size'] <= MAX_MAP_SIZE:
+        out.append('map_size: must be 1-%d (the largest sockhash the kernel creates), got %d'
+                   % (MAX_MAP_SIZE, p['map_size']))
+    if p['kernel_headers'] != 'auto' and not os.path.isdir(os.path.join(p['kernel_headers'], 'include')):
+        out.append('kernel_headers: must be auto or a kernel header tree (a directory with include/), '
+                   '%s/include does not exist' % p['kernel_headers'])
+    for name in sorted(p['sources'] or {}):
+        if '/' in name or name.startswith('.'):
+            out.append('sources: %r must be a plain file name' % name)
+    return out
+
+
+def check_paths(inst):
+    out = []
+    p = inst.params
+    bpffs = p['bpffs_mount']
+    others = [fs for mp, fs in mounts.mounts() if mp == bpffs and fs != 'bpf']
+    if others:
+        out.append('bpffs_mount: %s holds a %s mount, not bpffs; choose another directory'
+                   % (bpffs, ', '.join(others)))
+    if not p['pin_root'].startswith(bpffs.rstrip('/') + '/'):
+        out.append('pin_root: %s must be a directory below bpffs_mount (%s)' % (p['pin_root'], bpffs))
+    elif inst.bpffs_mounted:
+        out += _refusal(lambda: pins.PinDir(p['pin_root'], 'pin_root').close())
+    root = inst.cgroup2_root
+    if not (inst.cgroup == root or inst.cgroup.startswith(root.rstrip('/') + '/')):
+        out.append('cgroup: %s is not below the cgroup v2 mount %s' % (inst.cgroup, root))
+    elif p['state'] == 'present' and inst.cgroup2_mounted and not os.path.isdir(inst.cgroup):
+        out.append('cgroup: %s does not exist (create the cgroup, or let systemd create it, before '
+                   'attaching to it)' % inst.cgroup)
+    if p['state'] == 'present':
+        out += _refusal(lambda: inst.src.check())
+    return out
+
+
+def check_boot(inst):
+    p = inst.params
+    if not p['boot'] or p['state'] != 'present':
+        return []
+    out = []
+    if not os.path.isdir(os.path.dirname(BOOT_UNIT)):
+        out.append('boot: needs systemd, and this host has no %s' % os.path.dirname(BOOT_UNIT))
+    out += _refusal(lambda: require_root_only_code(p['boot_python'], 'boot_python'))
+    return out
+
+
+# Issue 12 (kernel and libbpf versions) adds its checks here.
+PREFLIGHT = [check_options, check_paths, check_kernel, check_boot]
+
+
+def _refusal(check):
+    try:
+        check()
+    except BpfError as e:
+        return [e.msg]
+    return []
+
+
+def require_root_only_code(path, param):
+    """path is an interpreter that only root can change, with every directory it imports from.
+
+    Root runs it at every boot: a venv or a directory a user can write would
+    make that user's code root's. Each directory from / down, the file, and (once
+    those pass) each entry of the interpreter's own sys.path are checked.
+    """
+    if not os.path.isabs(path):
+        raise BpfError('%s: must be an absolute path, got %r' % (param, path), param=param)
+    for candidate in _chain(path):
+        _require_root_only(candidate, param)
+    proc = subprocess.run([path, '-I', '-c', 'import sys, json; print(json.dumps(sys.path))'],
+                          capture_output=True, text=True, timeout=30, check=False)
+    if proc.returncode != 0:
+        raise BpfError('%s: %s does not run (%s)' % (param, path, proc.stderr.strip()[-300:]), param=param)
+    for entry in json.loads(proc.stdout):
+        if entry and os.path.exists(entry):
+            for candidate in _chain(entry):
+                _require_root_only(candidate, param, why=' (on the sys.path of %s)' % path)
+
+
+def _chain(path):
+    """Every path whose owner and mode matter for path: its prefixes, and those of symlink targets."""
+    out, seen = [], set()
+    todo = [os.path.normpath(path)]
+    while todo:
+        current = todo.pop()
+        parts = current.split('/')
+        for i in range(1, len(parts) + 1):
+            prefix = '/'.join(parts[:i]) or '/'
+            if prefix in seen:
+                continue
+            seen.add(prefix)
+            out.append(prefix)
+            if os.path.islink(prefix):
+                target = os.path.join(os.path.dirname(prefix), os.readlink(prefix))
+                todo.append(os.path.normpath(os.path.join(target, *parts[i:])))
+                break
+    return out
+
+
+def _require_root_only(path, param, why=''):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise BpfError('%s: %s does not exist%s' % (param, path, why), param=param)
+    if stat.S_ISLNK(st.st_mode):
+        problem = None if st.st_uid == 0 else 'is a symbolic link owned by uid %d' % st.st_uid
+    elif st.st_uid != 0:
+        problem = 'is owned by uid %d' % st.st_uid
+    elif st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and path == '/tmp'):
+        problem = 'is writable by group or others (mode %o)' % stat.S_IMODE(st.st_mode)
+    else:
+        problem = None
+    if problem:
+        raise BpfError('%s: %s %s%s: root would run code a non-root user can change at every boot. '
+                       'Use an interpreter only root can write, e.g. /usr/bin/python3.'
+                       % (param, path, problem, why), param=param)
+
+
+# -- the source files, in a directory that may hold files of others ----------
+
+class SourceDir(object):
+    """src_dir: writes only the files given in sources, records them, removes only those."""
+
+    def __init__(self, path, sources, recorded):
+        self.path = path
+        self.sources = sources  # {name: text} or None (use what is on disk: the boot)
+        self.recorded = set(recorded or [])
+
+    def _open(self, create=False):
+        if not os.path.isabs(self.path):
+            raise BpfError('src_dir: must be an absolute directory path, got %r' % self.path, param='src_dir')
+        return mounts.open_dir(self.path, 'src_dir', create=create, mode=0o755)
+
+    def check(self):
+        fd, _ = self._open()
+        if fd is None:
+            return
+        try:
+            for name in sorted(self.sources or {}):
+                if name in self.recorded:
+                    continue
+                try:
+                    with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), 'rb') as f:
+                        same = f.read() == self.sources[name].encode()
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    same = False
+                if not same:
+                    raise BpfError('src_dir: %s already holds a %s that this collection did not write; it '
+                                   'is not overwritten. Choose a src_dir of its own.'
+                                   % (self.path, name), param='src_dir')
+        finally:
+            os.close(fd)
+
+    def changes(self):
+        """Names whose content on disk differs from sources."""
+        fd, _ = self._open()
+        if fd is None:
+            return sorted(self.sources or {})
+        try:
+            out = []
+            for name, text in sorted((self.sources or {}).items()):
+                try:
+                    with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), 'rb') as f:
+                        if f.read() == text.encode():
+                            continue
+                except OSError:
+                    pass
+                out.append(name)
+            return out
+        finally:
+            os.close(fd)
+
+    def write(self, names):
+        fd, created = self._open(create=True)
+        try:
+            for name in names:
+                tmp = '.%s.%d.tmp' % (name, os.getpid())
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=fd)
+                with open(out, 'w') as f:
+                    f.write(self.sources[name])
+                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        finally:
+            os.close(fd)
+        return created
+
+    def remove(self, names, created_dirs):
+        """Unlink our files; then the directories this collection created, if empty."""
+        fd, _ = self._open()
+        if fd is None:
+            return []
+        gone = []
+        try:
+            for name in sorted(names):
+                try:
+                    os.unlink(name, dir_fd=fd)
+                    gone.append(os.path.join(self.path, name))
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)
+        for d in sorted(created_dirs or [], key=len, reverse=True):
+            try:
+                os.rmdir(d)  # only when empty: files of others stay, and so does their directory
+                gone.append(d)
+            except OSError:
+                pass
+        return gone
+
+
+# -- the instance ---------------------------------------------------------------
+
+class Instance(object):
+    def __init__(self, params, record_dir=RECORD_DIR):
+        p = dict(DEFAULTS)
+        p.update((k, v) for k, v in params.items() if v is not None)
+        p['pin_root'] = mounts.require_normalized(p['pin_root'], 'pin_root')
+        p['bpffs_mount'] = mounts.require_normalized(p['bpffs_mount'], 'bpffs_mount')
+        self.params = p
+        self.record_file = record_path(p['pin_root'], record_dir)
+        self.record = read_json(self.record_file)
+        if self.record is not None and self.record.get('format') != RECORD_FORMAT:
+            raise BpfError('record: %s is not a record of format %d' % (self.record_file, RECORD_FORMAT))
+        self.features = facts.features()
+        mounted = mounts.mount_table()
+        self.bpffs_mounted = any(mp == p['bpffs_mount'] and fs == 'bpf' for mp, fs, _ in mounted)
+        cg2 = [mp for mp, fs, _ in mounted if fs == 'cgroup2']
+        self.cgroup2_mounted = bool(cg2)
+        if cg2:
+            self.cgroup2_root = cg2[0]
+        elif p['cgroup2_mount']:
+            self.cgroup2_root = p['cgroup2_mount']
+        else:
+            self.cgroup2_root = '/sys/fs/cgroup/unified' if any(mp == '/sys/fs/cgroup' for mp, _, _ in mounted) \
+                else '/sys/fs/cgroup'
+        cgroup = p['cgroup']
+        if '..' in cgroup.split('/'):
+            raise BpfError('cgroup: must not contain "..", got %r' % cgroup, param='cgroup')
+        self.cgroup = os.path.normpath(cgroup if os.path.isabs(cgroup) else
+                                       os.path.join(self.cgroup2_root, cgroup)) if cgroup else self.cgroup2_root
+        rec = self.record or {}
+        self.src = SourceDir(p['src_dir'] if p['state'] == 'present' else rec.get('src_dir', p['src_dir']),
+                             p['sources'], rec.get('src_files'))
+        self.pins = None
+
+    # -- what there is, what is missing ------------------------------------
+
+    def plan(self):
+        """(refusals, needs): refusals are one line per reason the host cannot run this; needs are
+        the packages and mounts the role provides before apply()."""
+        refusals = []
+        for check in PREFLIGHT:
+            refusals += check(self)
+        return refusals, self.needs()
+
+    def needs(self):
+        p = self.params
+        out = dict(packages=[], mounts=[])
+        if p['state'] != 'present':
+            return out
+        if not loader.HAS_BCC:
+            out['packages'].append('bcc')
+        if not shutil.which('bpftool'):
+            out['packages'].append('bpftool')
+        try:
+            kheaders.resolve(p['kernel_headers'], p['headers_cache'], check_mode=True)
+        except BpfError:
+            if p['kernel_headers'] == 'auto':
+                out['packages'].append('kernel-headers')
+        fstab_state = 'mounted' if p['bpffs_persist'] else 'ephemeral'
+        if not self.bpffs_mounted:
+            out['mounts'].append(dict(path=p['bpffs_mount'], src='bpf', fstype='bpf', opts=BPFFS_OPTS,
+                                      state=fstab_state))
+        elif p['bpffs_persist'] and not _in_fstab(p['bpffs_mount'], 'bpf'):
+            out['mounts'].append(dict(path=p['bpffs_mount'], src='bpf', fstype='bpf', opts=BPFFS_OPTS,
+                                      state='present'))
+        if not self.cgroup2_mounted:
+            out['mounts'].append(dict(path=self.cgroup2_root, src='cgroup2', fstype='cgroup2',
+                                      opts='nosuid,nodev,noexec', state='ephemeral'))
+        return out
+
+    def defines(self):
+        p = self.params
+        out = dict(SOCKREDIR_MAP_SIZE=p['map_size'])
+        if p['allow_ports']:
+            out['SOCKREDIR_ALLOW_PORTS'] = ','.join(map(str, p['allow_ports']))
+        if p['deny_ports']:
+            out['SOCKREDIR_DENY_PORTS'] = ','.join(map(str, p['deny_ports']))
+        return out
+
+    def program_set(self):
+        p = self.params
+        return program.ProgramSet(p['pin_root'], programs=PROGRAMS, maps=MAPS,
+                                  src=os.path.join(self.src.path, SOURCE), defines=self.defines(),
+                                  kernel_headers=p['kernel_headers'], headers_cache=p['headers_cache'],
+                                  recreate_maps=p['recreate_maps'], record=LoadRecord(self), pin_set=self.pins)
+
+    def _attachment(self, name, cgroup=None):
+        load = (self.record or {}).get('load') or {}
+        recorded = (load.get('programs') or {}).get(name, {}).get('id')
+        opened = {self.pins.path: self.pins}
+        if name == SK_MSG:
+            return attach.Attachment(self.pins.show(SK_MSG), map_pin=self.pins.show(SOCKHASH),
+                                     opened=opened, recorded_id=recorded)
+        return attach.Attachment(self.pins.show(SOCK_OPS), cgroup=cgroup, opened=opened, recorded_id=recorded)
+
+    def _undo_cgroups(self):
+        rec = self.record or {}
+        return sorted(set(rec.get('cgroups', [])) - {self.cgroup})
+
+    # -- the record ----------------------------------------------------------
+
+    def write_record(self, **changes):
+        rec = dict(self.record or {}, format=RECORD_FORMAT, pin_root=self.params['pin_root'],
+                   managed_by='ebpf.sockredir (plugins/module_utils/instance.py)')
+        rec.update(changes)
+        program.write_json(self.record_file, rec, mode=0o644)
+        self.record = rec
+
+    # -- present ---------------------------------------------------------------
+
+    def present(self, check_mode):
+        p = self.params
+        self.pins = pins.PinDir(p['pin_root'], 'pin_root', create=False)
+        ps = self.program_set()
+        changed_sources = self.src.changes() if p['sources'] is not None else []
+        actions = []
+        if changed_sources:
+            actions.append('write %s in %s' % (', '.join(changed_sources), self.src.path))
+        plan_headers = kheaders.resolve(p['kernel_headers'], p['headers_cache'], check_mode=True)
+        if changed_sources:
+            reasons = ['the sources changed']
+        else:
+            reasons = ps.reload_reasons(ps.current(), ps.read_record(), ps.digest(plan_headers))
+        if reasons:
+            actions.append('load and pin (%s)' % '; '.join(reasons))
+        attach_plan = self._attach_plan(ps)
+        actions += attach_plan
+        record_changes = self._record_changes()
+        if record_changes and not actions:
+            actions.append('update the record (%s)' % ', '.join(sorted(record_changes)))
+        result = dict(changed=bool(actions), actions=actions, reload_reasons=reasons,
+                      kernel_headers=plan_headers, record=self.record_file)
+        if check_mode or not actions:
+            result['digest'] = ((self.record or {}).get('load') or {}).get('digest', '')
+            return result
+
+        # the record first: whatever happens next, a later run knows what to undo
+        self.write_record(**dict(record_changes, src_files=sorted(self.src.recorded | set(changed_sources)),
+                                 cgroups=sorted(set((self.record or {}).get('cgroups', [])) | {self.cgroup})))
+        pause('record')
+        if changed_sources:
+            created = self.src.write(changed_sources)
+            if created:
+                self.write_record(src_created_dirs=sorted(set(self.record.get('src_created_dirs', [])) | set(created)))
+        pause('sources')
+        if reasons:
+            if not self.pins.exists:
+                self.pins.close()
+                self.pins = pins.PinDir(p['pin_root'], 'pin_root', create=True)
+                ps = self.program_set()
+            headers = kheaders.resolve(p['kernel_headers'], p['headers_cache'])
+            result['kernel_headers'] = headers
+            warnings = ps.load_and_pin(headers)
+            if warnings.strip():
+                result['compiler_warnings'] = warnings.splitlines()
+            if ps.recreated:
+                result['recreated_maps'] = ps.recreated
+            ps.write_record(ps.digest(headers), headers)
+        pause('load')
+        self._converge_attachment(SK_MSG)
+        pause('attach sk_msg')
+        self._converge_attachment(SOCK_OPS, self.cgroup)
+        pause('attach sock_ops')
+        for old in self._undo_cgroups():
+            self._detach_cgroup(old)
+            self.write_record(cgroups=sorted(set(self.record['cgroups']) - {old}))
+        pause('detach previous')
+        self.write_record(cgroup=self.cgroup)
+        pause('done')
+        result['digest'] = self.record['load']['digest']
+        return result
+
+    def _record_changes(self):
+        """Fields of the record this run's parameters change."""
+        p = self.params
+        want = dict(cgroup=self.cgroup, src_dir=self.src.path, params={k: p[k] for k in BOOT_PARAMS},
+                    cgroups=sorted(set((self.record or {}).get('cgroups', [])) | {self.cgroup}))
+        want['params']['cgroup'] = self.cgroup
+        mounts_now = dict((self.record or {}).get('mounts', {}))
+        for m in p['mounted']:
+            mounts_now[m['path']] = dict(mounts_now.get(m['path'], {}), **{k: v for k, v in m.items() if k != 'path'})
+        want['mounts'] = mounts_now
+        rec = self.record or {}
+        return {k: v for k, v in want.items() if rec.get(k) != v}
+
+    def _attach_plan(self, ps):
+        """What attaching would do now, as lines (a reload will swap the programs in as well)."""
+        out = []
+        if not self.pins.exists or ps.current()['programs'][SK_MSG] is None:
+            return ['attach %s to %s' % (SK_MSG, self.pins.show(SOCKHASH)),
+                    'attach %s to %s' % (SOCK_OPS, self.cgroup)] + \
+                ['detach %s from %s' % (SOCK_OPS, c) for c in self._undo_cgroups() if os.path.isdir(c)]
+        for name, cgroup in ((SK_MSG, None), (SOCK_OPS, self.cgroup)):
+            att = self._attachment(name, cgroup)
+            try:
+                actions = att.plan('present')[0]
+            finally:
+                att.close()
+            out += ['%s %s on %s' % (kind, name, att.target) for kind, _info in actions]
+        for c in self._undo_cgroups():
+            if os.path.isdir(c):
+                att = self._attachment(SOCK_OPS, c)
+                try:
+                    if att.plan('absent')[0]:
+                        out.append('detach %s from %s' % (SOCK_OPS, c))
+                finally:
+                    att.close()
+        return out
+
+    def _converge_attachment(self, name, cgroup=None):
+        att = self._attachment(name, cgroup)
+        try:
+            actions = att.plan('present')[0]
+            if actions:
+                att.apply(actions)
+        finally:
+            att.close()
+
+    def _detach_cgroup(self, cgroup):
+        if not os.path.isdir(cgroup):
+            return  # removed cgroups take their attachments with them
+        att = self._attachment(SOCK_OPS, cgroup)
+        try:
+            actions = att.plan('absent')[0]
+            if actions:
+                att.apply(actions)
+        finally:
+            att.close()
+
+    # -- absent ----------------------------------------------------------------
+
+    def absent(self, check_mode):
+        p = self.params
+        rec = self.record or {}
+        result = dict(changed=False, actions=[], unmount=[], record=self.record_file)
+        self.pins = pins.PinDir(p['pin_root'], 'pin_root') if mounts.lexical_mount(p['pin_root'], 'bpf') else None
+        cgroups = sorted(set(rec.get('cgroups', [])) | {self.cgroup} | ({rec['cgroup']} if rec.get('cgroup') else set()))
+        actions = result['actions']
+        if self.pins is not None and self.pins.exists:
+            if self.pins.describe(SOCKHASH) and self.pins.describe(SK_MSG):
+                att = self._attachment(SK_MSG)
+                try:
+                    if att.plan('absent')[0]:
+                        actions.append('detach %s from %s' % (SK_MSG, att.target))
+                finally:
+                    att.close()
+            for c in cgroups:
+                if os.path.isdir(c) and mounts.fs_of(c)[1] == 'cgroup2':
+                    att = self._attachment(SOCK_OPS, c)
+                    try:
+                        if att.plan('absent')[0]:
+                            actions.append('detach %s from %s' % (SOCK_OPS, c))
+                    finally:
+                        att.close()
+            ps = self.program_set()
+            actions += ['unpin %s' % x for x in ps.removable() if x != self.record_file]
+        ours = sorted(set(rec.get('src_files', [])))
+        actions += ['remove %s' % os.path.join(self.src.path, n) for n in ours]
+        if self.record is not None:
+            actions.append('remove the record %s' % self.record_file)
+        result['unmount'] = self._mounts_to_undo()
+        result['changed'] = bool(actions)
+        if check_mode or not actions:
+            return result
+        if self.pins is not None and self.pins.exists:
+            if self.pins.describe(SOCKHASH) and self.pins.describe(SK_MSG):
+                att = self._attachment(SK_MSG)
+                try:
+                    att.apply(att.plan('absent')[0])
+                finally:
+                    att.close()
+            for c in cgroups:
+                if os.path.isdir(c) and mounts.fs_of(c)[1] == 'cgroup2':
+                    self._detach_cgroup(c)
+                    if self.record is not None:
+                        self.write_record(cgroups=sorted(set(self.record.get('cgroups', [])) - {c}))
+            still = self.program_set().remove()
+            if still:
+                result['warnings'] = ['program %s (id %d) is unpinned but still loaded: connections '
+                                      'established while it ran still hold it and stay redirected until '
+                                      'they close' % (s['name'], s['id']) for s in still]
+        self.src.remove(ours, rec.get('src_created_dirs'))
+        self._hand_over_mounts(result['unmount'])
+        if os.path.exists(self.record_file):
+            os.unlink(self.record_file)
+        for d in (os.path.dirname(self.record_file), os.path.dirname(os.path.dirname(self.record_file))):
+            try:
+                os.rmdir(d)  # when empty: the last instance of the host is gone
+            except OSError:
+                break
+        return result
+
+    def _mounts_to_undo(self):
+        """Mounts the role made for this instance that nothing else needs now: [{path, fstype, fstab, created_dir}]."""
+        out = []
+        others = [r for path, r in all_records(os.path.dirname(self.record_file)).items()
+                  if path != self.record_file and r]
+        for path, m in sorted(((self.record or {}).get('mounts') or {}).items()):
+            used = any(_below(r.get('pin_root', ''), path) or _below(r.get('cgroup', ''), path) for r in others)
+            if used:
+                continue
+            if m.get('fstype') == 'bpf' and [n for n in _listdir(path) if n not in ('maps.debug', 'progs.debug')
+                                             and not _below(self.params['pin_root'], os.path.join(path, n))]:
+                continue  # pins of other tools: unmounting would drop them
+            out.append(dict(path=path, **m))
+        return out
+
+    def _hand_over_mounts(self, undone):
+        """Mounts of ours still in use by another instance go into that instance's record."""
+        done = set(m['path'] for m in undone)
+        for path, m in ((self.record or {}).get('mounts') or {}).items():
+            if path in done:
+                continue
+            for rpath, r in all_records(os.path.dirname(self.record_file)).items():
+                if rpath != self.record_file and r and (_below(r.get('pin_root', ''), path)
+                                                        or _below(r.get('cgroup', ''), path)):
+                    r.setdefault('mounts', {})[path] = m
+                    program.write_json(rpath, r, mode=0o644)
+                    break
+
+    # -- results -----------------------------------------------------------------
+
+    def facts(self, result):
+        p = self.params
+        out = dict(state=p['state'], pin_root=p['pin_root'], cgroup=self.cgroup, cgroup2_mount=self.cgroup2_root,
+                   src_dir=self.src.path)
+        if p['state'] != 'present':
+            return out
+        out.update(reloaded=any(a.startswith('load') for a in result.get('actions', [])),
+                   reload_reasons=result.get('reload_reasons', []), digest=result.get('digest', ''),
+                   kernel_headers=result.get('kernel_headers', {}), features=self.features,
+                   programs={}, maps={}, sockets=0, counters={}, attached=dict(cgroup=[], sockhash=None))
+        if not os.path.isdir(p['pin_root']):
+            return out
+        info = facts.pin_dir_facts(p['pin_root'])
+        hashmap = info['maps'].get(SOCKHASH) or {}
+        out.update(programs=info['programs'], maps=info['maps'], counters=info.get('counters', {}),
+                   sockets=hashmap.get('entries', 0), attached=dict(sockhash=hashmap.get('msg_verdict')))
+        out['attached']['cgroup'] = [a for a in facts.cgroup_attachments(self.cgroup)['sock_ops']
+                                     if a['name'] == SOCK_OPS] if os.path.isdir(self.cgroup) else []
+        return out
+
+    def boot(self):
+        wanted = any(r and r.get('params', {}).get('boot')
+                     for r in all_records(os.path.dirname(self.record_file)).values())
+        return dict(wanted=wanted, unit=BOOT_UNIT, lib=BOOT_LIB, python=self.params['boot_python'],
+                    installed=os.path.exists(BOOT_UNIT) or os.path.exists(BOOT_LIB))
+
+    def close(self):
+        if self.pins is not None:
+            self.pins.close()
+
+
+class LoadRecord(object):
+    """The 'load' part of the instance record, as ProgramSet reads and writes it."""
+
+    def __init__(self, inst):
+        self.inst = inst
+        self.path = inst.record_file
+
+    def read(self):
+        return (self.inst.record or {}).get('load')
+
+    def write(self, load):
+        self.inst.write_record(load=load)
+
+    def drop(self):
+        if self.inst.record is not None:
+            self.inst.write_record(load=None)
+
+    def exists(self):
+        return bool(self.read())
+
+
+def _below(path, top):
+    return bool(path) and (path == top or path.startswith(top.rstrip('/') + '/'))
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _in_fstab(path, fstype, fstab='/etc/fstab'):
+    try:
+        with open(fstab) as f:
+            return any(len(line.split()) > 2 and line.split()[1] == path and line.split()[2] == fstype
+                       for line in f if not line.lstrip().startswith('#'))
+    except OSError:
+        return False
+
+
+def converge(params, check_mode=False, record_dir=RECORD_DIR, lock_file=LOCK_FILE):
+    """The whole job for one instance, under the lock; returns the result (facts included).
+
+    Refusals raise BpfError with every reason, one per line, and details
+    {'refusals': [...]}; missing packages or mounts return needs (nothing changed).
+    """
+    timeout = params.get('lock_timeout') or DEFAULTS['lock_timeout']
+    with Lock(timeout, exclusive=not check_mode, path=lock_file):
+        inst = Instance(params, record_dir)
+        try:
+            refusals, needs = inst.plan()
+            if refusals:
+                raise BpfError('\n'.join(refusals), details=dict(refusals=refusals))
+            if needs['packages'] or needs['mounts']:
+                return dict(changed=False, needs=needs, actions=[], facts=inst.facts({}), boot=inst.boot())
+            result = inst.absent(check_mode) if inst.params['state'] == 'absent' else inst.present(check_mode)
+            result.update(needs=needs, facts=inst.facts(result), boot=inst.boot())
+            return result
+        except OSError as e:
+            raise BpfError('%s: %s' % (getattr(e, 'filename', None) or 'sockredir', e.strerror or e))
+        finally:
+            inst.close()
