@@ -216,6 +216,8 @@ def check_boot(inst):
     if not os.path.isdir(os.path.dirname(BOOT_UNIT)):
         out.append('boot: needs systemd, and this host has no %s' % os.path.dirname(BOOT_UNIT))
     out += _refusal(lambda: require_root_only_code(p['boot_python'], 'boot_python'))
+    for path in _chain(os.path.dirname(BOOT_LIB)):
+        out += _refusal(lambda: _require_root_only(path, 'boot', why=' (the boot unit runs code from %s)' % BOOT_LIB))
     return out
 
 
@@ -649,6 +651,8 @@ class Instance(object):
         result['changed'] = bool(actions)
         if check_mode or not actions:
             return result
+        if self.record is not None:  # a run stopped from here on must not come back at boot
+            self.write_record(params=dict(self.record.get('params') or {}, boot=False))
         if self.pins is not None and self.pins.exists:
             if self.pins.describe(SOCKHASH) and self.pins.describe(SK_MSG):
                 att = self._attachment(SK_MSG)
