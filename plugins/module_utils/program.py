@@ -264,7 +264,7 @@ class ProgramSet(object):
             declared = dict(declared, type=libbpf.MAP_TYPE_NAMES.get(declared['type'], str(declared['type'])))
             differ = [k for k in SHAPE if declared[k] != pinned[k]]
             if differ:
-                out[m] = ('the pinned map %s has %s, the source declares %s'
+                out[m] = ('the pinned map %s is %s, the source declares %s'
                           % (self.pin(m), _shape(pinned, differ), _shape(declared, differ)))
         return out
 
@@ -309,7 +309,9 @@ class ProgramSet(object):
 
 
 def _shape(info, keys):
-    return ', '.join('%s %s' % (k.replace('_', ' '), info[k]) for k in keys)
+    """'a sockhash of 1024 entries', plus the other fields that differ ('with key size 40, flags 0')."""
+    more = ['%s %s' % (k.replace('_', ' '), info[k]) for k in keys if k not in ('type', 'max_entries')]
+    return 'a %s of %d entries%s' % (info['type'], info['max_entries'], ' with ' + ', '.join(more) if more else '')
 
 
 def execute(params, check_mode, want_diff):
