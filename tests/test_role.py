@@ -116,11 +116,11 @@ def test_preflight_reports_every_problem_at_once(tmp_path, ansible_env):
     rc, out = run(write_play(tmp_path, bad), ansible_env)
     assert rc != 0, out
     assert 'sockredir cannot run on localhost, nothing was changed' in out, out
-    for expected in ('sockredir_pin_root: /tmp/not-on-bpffs must be a directory below sockredir_bpffs_mount',
+    for expected in ('sockredir_pin_root: /tmp/not-on-bpffs must be a directory below bpffs_mount (/sys/fs/bpf)',
                      'ports must be 1-65535, got 0, 70000',
                      'sockredir_deny_ports: at most 64 ports are compiled in, got 65',
                      'sockredir_cgroup: app/../../escape must not contain ".."',
                      'sockredir_map_size: must be 1-134217728 (the largest sockhash the kernel creates), got 0'):
         assert expected in out, out
     # the failure comes before the first task that could change anything
-    assert 'Install bcc' not in out and 'Mount bpffs' not in out, out
+    assert 'Install bcc' not in out and 'TASK [ebpf.sockredir.sockredir : Mount]' not in out, out

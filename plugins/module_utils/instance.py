@@ -198,7 +198,9 @@ def check_paths(inst):
     elif inst.bpffs_mounted:
         out += _refusal(lambda: pins.PinDir(p['pin_root'], 'pin_root').close())
     root = inst.cgroup2_root
-    if not (inst.cgroup == root or inst.cgroup.startswith(root.rstrip('/') + '/')):
+    if '..' in inst.cgroup.split('/'):
+        pass  # refused while reading the parameters
+    elif not (inst.cgroup == root or inst.cgroup.startswith(root.rstrip('/') + '/')):
         out.append('cgroup: %s is not below the cgroup v2 mount %s' % (inst.cgroup, root))
     elif p['state'] == 'present' and inst.cgroup2_mounted and not os.path.isdir(inst.cgroup):
         out.append('cgroup: %s does not exist (create the cgroup, or let systemd create it, before '
@@ -392,8 +394,12 @@ class Instance(object):
     def __init__(self, params, record_dir=RECORD_DIR):
         p = dict(DEFAULTS)
         p.update((k, v) for k, v in params.items() if v is not None)
-        p['pin_root'] = mounts.require_normalized(p['pin_root'], 'pin_root')
-        p['bpffs_mount'] = mounts.require_normalized(p['bpffs_mount'], 'bpffs_mount')
+        self.refused = []  # found while reading the parameters; plan() reports them with the rest
+        for name in ('pin_root', 'bpffs_mount'):
+            try:
+                p[name] = mounts.require_normalized(p[name], name)
+            except BpfError as e:
+                self.refused.append(e.msg)
         self.params = p
         self.record_file = record_path(p['pin_root'], record_dir)
         self.record = read_json(self.record_file)
@@ -413,9 +419,10 @@ class Instance(object):
                 else '/sys/fs/cgroup'
         cgroup = p['cgroup']
         if '..' in cgroup.split('/'):
-            raise BpfError('cgroup: must not contain "..", got %r' % cgroup, param='cgroup')
-        self.cgroup = os.path.normpath(cgroup if os.path.isabs(cgroup) else
-                                       os.path.join(self.cgroup2_root, cgroup)) if cgroup else self.cgroup2_root
+            self.refused.append('cgroup: %s must not contain ".."' % cgroup)
+        else:
+            cgroup = os.path.normpath(cgroup if os.path.isabs(cgroup) else os.path.join(self.cgroup2_root, cgroup))
+        self.cgroup = cgroup or self.cgroup2_root
         rec = self.record or {}
         self.src = SourceDir(p['src_dir'] if p['state'] == 'present' else rec.get('src_dir', p['src_dir']),
                              p['sources'], rec.get('src_files'))
@@ -426,9 +433,9 @@ class Instance(object):
     def plan(self):
         """(refusals, needs): refusals are one line per reason the host cannot run this; needs are
         the packages and mounts the role provides before apply()."""
-        refusals = []
+        refusals = list(self.refused)
         for check in PREFLIGHT:
-            refusals += check(self)
+            refusals += [r for r in check(self) if r not in refusals]
         return refusals, self.needs()
 
     def needs(self):

@@ -2,7 +2,7 @@
 
 Every case must fail with a message that names the variable or parameter,
 and leave the host as it was: the pin root and source directory of the case,
-its entry in the role's record and in bpf_program's record, the attachments
+the engine's record of it and bpf_program's record, the attachments
 and child cgroups of the test's cgroup, and mounts on the test's paths are
 compared before and after. (tests/test_bad_input.py covers further module
 cases: missing cgroup, cgroup v1, broken source, unknown program, long
@@ -25,7 +25,7 @@ import pytest
 import conftest
 from support import hostenv
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance, program
 
 from . import kit
 
@@ -95,12 +95,13 @@ def exists(path):
         return False
 
 
-def recorded_instances():
+def instance_record(pin_root):
+    """The engine's record of pin_root, or None."""
     try:
-        with open(kit.RECORD_FILE) as f:
-            return json.load(f).get('instances', {})
-    except (OSError, ValueError):
-        return {}
+        with open(instance.record_path(os.path.normpath(pin_root))) as f:
+            return json.load(f)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def case_state(pin_root, src_dir):
@@ -108,7 +109,7 @@ def case_state(pin_root, src_dir):
     ours = isinstance(pin_root, str) and pin_root.startswith('/sys/fs/bpf/srrel-bad-')
     return dict(pin_root=exists(pin_root) and (sorted(os.listdir(pin_root)) if ours else True),
                 src_dir=bool(src_dir) and exists(src_dir),
-                role_record=recorded_instances().get(pin_root),
+                role_record=instance_record(pin_root),
                 module_record=bool(pin_root) and exists(program.record_path(os.path.normpath(pin_root))))
 
 
@@ -133,7 +134,7 @@ def shared_state(cgroup, workdir, tag, case_pins=()):
 def clean_up_role_cases(workdir, cases):
     """Undo what the role left for failed cases: state=absent for each, then by hand."""
     leftovers = [(name, v) for name, v in cases
-                 if exists(v['sockredir_pin_root']) or v['sockredir_pin_root'] in recorded_instances()]
+                 if exists(v['sockredir_pin_root']) or instance_record(v['sockredir_pin_root']) is not None]
     if leftovers:
         kit.run_tasks(workdir, [rescued_case('cleanup ' + name, dict(v, sockredir_state='absent'))
                                 for name, v in leftovers], name='cleanup')
@@ -141,19 +142,9 @@ def clean_up_role_cases(workdir, cases):
         pin_root = v['sockredir_pin_root']
         if isinstance(pin_root, str) and pin_root.startswith('/sys/fs/bpf/srrel-bad') and exists(pin_root):
             conftest.remove_pin_dir(pin_root)
-    # entries an absent run could not remove (e.g. an empty src_dir in the record)
-    instances = recorded_instances()
-    ours = [p for p in instances if 'srrel-bad' in p or TOO_LONG in p]
-    if ours:
-        with open(kit.RECORD_FILE) as f:
-            record = json.load(f)
-        for p in ours:
-            record['instances'].pop(p, None)
-        if record['instances'] or record.get('mounts'):
-            with open(kit.RECORD_FILE, 'w') as f:
-                json.dump(record, f, indent=2)
-        else:
-            os.unlink(kit.RECORD_FILE)
+        # records an absent run could not remove
+        if isinstance(pin_root, str) and instance_record(pin_root) is not None:
+            os.unlink(instance.record_path(os.path.normpath(pin_root)))
 
 
 @pytest.fixture(scope='module')
