@@ -302,3 +302,27 @@ def test_a_pinned_map_with_another_key_size_is_noticed(make):
     pinned = bpftool_json('map', 'show', 'pinned', os.path.join(a.pin_root, instance.SOCKHASH))
     assert pinned['bytes_key'] != 40
     assert_converged(a)
+
+
+# -- the role, as users run it --------------------------------------------------
+
+def test_role_runs_at_the_same_time_on_two_instances_and_on_one_twice(tmp_path, cgroups):
+    roles = [kit.RoleInstance(tmp_path / name, cg) for name, cg in (('a', cgroups[0]), ('b', cgroups[1]))]
+    for role in roles:
+        os.makedirs(str(role.workdir))
+    try:
+        with kit.concurrent_calls(workers=3, timeout=600) as calls:
+            calls.submit(roles[0].run)
+            calls.submit(roles[0].run)
+            calls.submit(roles[1].run)
+        for run in calls.results:
+            assert run.rc == 0, run
+            assert 'Traceback' not in run.output, run
+        assert sorted(run.changed for run in calls.results[:2]) == [0, 1], calls.results
+        for role in roles:
+            assert role.attached() == (['sockredir_ops'], 'sockredir_msg')
+            assert role.recorded() == dict(cgroup=role.cgroup, src_dir=role.src_dir)
+            assert role.run().changed == 0
+    finally:
+        for role in roles:
+            role.cleanup()

@@ -721,7 +721,7 @@ class Instance(object):
     def facts(self, result):
         p = self.params
         out = dict(state=p['state'], pin_root=p['pin_root'], cgroup=self.cgroup, cgroup2_mount=self.cgroup2_root,
-                   src_dir=self.src.path)
+                   src_dir=self.src.path, record=self.record_file)
         if p['state'] != 'present':
             return out
         out.update(reloaded=any(a.startswith('load') for a in result.get('actions', [])),
