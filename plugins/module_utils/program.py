@@ -268,6 +268,21 @@ class ProgramSet(object):
                           % (self.pin(m), _shape(pinned, differ), _shape(declared, differ)))
         return out
 
+    def reload(self, result):
+        """Load and pin with the kernel headers resolved for real, then record the load.
+
+        Adds kernel_headers, compiler_warnings and recreated_maps to result;
+        returns what the kernel has at the pins afterwards.
+        """
+        headers = kheaders.resolve(self.kernel_headers, self.headers_cache)
+        result['kernel_headers'] = headers
+        warnings = self.load_and_pin(headers)
+        if warnings.strip():
+            result['compiler_warnings'] = warnings.splitlines()
+        if self.recreated:
+            result['recreated_maps'] = self.recreated
+        return self.write_record(self.digest(headers), headers)
+
     def write_record(self, digest, headers):
         now = self.current()
         self.record.write(dict(digest=digest, pin_dir=self.pin_dir, headers=headers['kind'],
@@ -353,14 +368,7 @@ def _execute(ps, params, check_mode, want_diff):
     if reasons:
         result['changed'] = True
         if not check_mode:
-            headers = kheaders.resolve(ps.kernel_headers, ps.headers_cache)
-            result['kernel_headers'] = headers
-            warnings = ps.load_and_pin(headers)
-            if warnings.strip():
-                result['compiler_warnings'] = warnings.splitlines()
-            if ps.recreated:
-                result['recreated_maps'] = ps.recreated
-            after = ps.write_record(digest, headers)
+            after = ps.reload(result)
         else:
             after = None
     else:
