@@ -33,7 +33,7 @@ OUTPUT = os.path.join(REPO, 'tests', 'output')
 TEST_HOME = os.path.join(OUTPUT, '.ansible-test-home')
 COMPAT = os.path.join(OUTPUT, 'compat')
 SANITY_TARGETS = ['plugins/', 'roles/', 'meta/', 'changelogs/', 'docs/', 'files/', 'tests/unit/']
-MODULES = ['bpf_program', 'bpf_attach', 'bpf_info']
+MODULES = ['bpf_program', 'bpf_attach', 'bpf_info', 'sockredir_instance']
 # the oldest ansible-core meta/runtime.yml admits, and the newest that runs on Python 3.11
 # (2.20 wants 3.12 on the controller); the newest is the one in .venv
 OLDEST_CORE = '2.15'

@@ -153,16 +153,16 @@ class Instance(object):
         if self.record is not None and self.record.get('format') != RECORD_FORMAT:
             raise BpfError('record: %s is not a record of format %d' % (self.record_file, RECORD_FORMAT))
         self.features = facts.features()
-        mounted = mounts.mount_table()
-        self.bpffs_mounted = any(mp == p['bpffs_mount'] and fs == 'bpf' for mp, fs, _ in mounted)
-        cg2 = [mp for mp, fs, _ in mounted if fs == 'cgroup2']
+        mounted = mounts.mounts()
+        self.bpffs_mounted = (p['bpffs_mount'], 'bpf') in mounted
+        cg2 = [mp for mp, fs in mounted if fs == 'cgroup2']
         self.cgroup2_mounted = bool(cg2)
         if cg2:
             self.cgroup2_root = cg2[0]
         elif p['cgroup2_mount']:
             self.cgroup2_root = p['cgroup2_mount']
         else:
-            self.cgroup2_root = '/sys/fs/cgroup/unified' if any(mp == '/sys/fs/cgroup' for mp, _, _ in mounted) \
+            self.cgroup2_root = '/sys/fs/cgroup/unified' if any(m[0] == '/sys/fs/cgroup' for m in mounted) \
                 else '/sys/fs/cgroup'
         cgroup = p['cgroup']
         if '..' in cgroup.split('/'):

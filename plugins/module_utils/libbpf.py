@@ -185,7 +185,7 @@ def prog_query(target_fd, attach_type):
         cnt = ctypes.c_uint32(count)
         flags = ctypes.c_uint32(0)
         rc = lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags),
-                                   ctypes.cast(ids, _u32p), ctypes.byref(cnt))
+                                  ctypes.cast(ids, _u32p), ctypes.byref(cnt))
         if rc == -errno.ENOSPC:
             count *= 4
             continue

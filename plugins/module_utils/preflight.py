@@ -91,7 +91,7 @@ def check_paths(inst):
         out.append('cgroup: %s does not exist (create the cgroup, or let systemd create it, before '
                    'attaching to it)' % inst.cgroup)
     if p['state'] == 'present':
-        out += _refusal(lambda: inst.src.check())
+        out += _refusal(inst.src.check)
     return out
 
 

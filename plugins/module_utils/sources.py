@@ -25,7 +25,7 @@ class SourceDir(object):
         return mounts.open_dir(self.path, 'src_dir', create=create, mode=0o755)
 
     def check(self):
-        fd, _ = self._open()
+        fd = self._open()[0]
         if fd is None:
             return
         try:
@@ -48,7 +48,7 @@ class SourceDir(object):
 
     def changes(self):
         """Names whose content on disk differs from sources."""
-        fd, _ = self._open()
+        fd = self._open()[0]
         if fd is None:
             return sorted(self.sources or {})
         try:
@@ -80,7 +80,7 @@ class SourceDir(object):
 
     def remove(self, names, created_dirs):
         """Unlink our files; then the directories this collection created, if empty."""
-        fd, _ = self._open()
+        fd = self._open()[0]
         if fd is None:
             return []
         gone = []
