@@ -138,6 +138,8 @@ def pause(step):
 # -- the instance ---------------------------------------------------------------
 
 class Instance(object):
+    SOURCE = SOURCE
+
     def __init__(self, params, record_dir=RECORD_DIR):
         p = dict(DEFAULTS)
         p.update((k, v) for k, v in params.items() if v is not None)
@@ -192,7 +194,7 @@ class Instance(object):
             return out
         if not loader.HAS_BCC:
             out['packages'].append('bcc')
-        if not shutil.which('bpftool'):
+        if not shutil.which('bpftool', path=os.pathsep.join([os.environ.get('PATH', ''), '/usr/sbin', '/sbin'])):
             out['packages'].append('bpftool')
         try:
             kheaders.resolve(p['kernel_headers'], p['headers_cache'], check_mode=True)

@@ -64,6 +64,8 @@ def check_options(inst):
     if p['kernel_headers'] != 'auto' and not os.path.isdir(os.path.join(p['kernel_headers'], 'include')):
         out.append('kernel_headers: must be auto or a kernel header tree (a directory with include/), '
                    '%s/include does not exist' % p['kernel_headers'])
+    if p['sources'] is not None and inst.SOURCE not in p['sources']:
+        out.append('sources: must hold %s (the program source), got %s' % (inst.SOURCE, ', '.join(sorted(p['sources']))))
     for name in sorted(p['sources'] or {}):
         if '/' in name or name.startswith('.'):
             out.append('sources: %r must be a plain file name' % name)
