@@ -3,7 +3,7 @@
  * sockbench: the two ends of one benchmark measurement, TCP or AF_UNIX stream.
  *
  *   sockbench server --family tcp|unix --addr ADDR|PATH --mode stream|pingpong
- *                    --size N [--pairs N] [--nodelay 0|1]
+ *                    --size N [--pairs N] [--nodelay 0|1] [--reply 0|1]
  *       Listens (TCP: ADDR port 0, the kernel picks one), prints
  *       "listening PORT" on stdout, accepts --pairs connections, then serves
  *       them until every client has closed: stream counts what it reads,
@@ -11,11 +11,24 @@
  *
  *   sockbench client --family tcp|unix --addr ADDR|PATH [--port N]
  *                    --mode stream|pingpong --size N [--pairs N]
- *                    [--nodelay 0|1] --duration SECONDS
+ *                    [--nodelay 0|1] [--reply 0|1] --duration SECONDS
  *       Opens --pairs connections, then for --duration seconds writes
  *       --size bytes per write() (stream) or sends --size bytes and waits
  *       for the echo (pingpong, one connection), closes its sending side,
  *       waits for the server's close and prints one JSON line.
+ *
+ *   --reply 1 (stream): once a connection reached EOF the server writes
+ *       the byte count it read on it (8 bytes, host order) before closing;
+ *       the client reads that reply with a blocking read after its
+ *       shutdown(SHUT_WR) and compares it with what it wrote. The pattern
+ *       where a socket in a sockhash fed by plain TCP was seen to fail a
+ *       blocking read with EAGAIN.
+ *
+ * Errors are counted, not hidden: "eagain_read" and "eagain_write" in the
+ * JSON line count reads and writes on blocking sockets (or on a socket epoll
+ * called ready) that failed with EAGAIN, which a correct kernel never does;
+ * the call is retried.
+ * "bad_replies" counts replies that did not match. Any other failure exits.
  *
  * Written in C because the client must not be the bottleneck: a Python loop
  * cannot issue a million 64-byte writes a second. One thread per process;
@@ -53,8 +66,12 @@ struct opts {
 	size_t size;
 	int pairs;
 	int nodelay;
+	int reply;
 	double duration;
 };
+
+/* Reads and writes on a blocking socket that failed with EAGAIN. */
+static uint64_t eagain_read, eagain_write;
 
 static void die(const char *what)
 {
@@ -200,6 +217,10 @@ static size_t read_full(int fd, char *buf, size_t n)
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
+			if (errno == EAGAIN) {
+				eagain_read++;
+				continue;
+			}
 			die("read");
 		}
 		if (r == 0) {
@@ -220,6 +241,10 @@ static void write_full(int fd, const char *buf, size_t n)
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
+			if (errno == EAGAIN) {
+				eagain_write++;
+				continue;
+			}
 			die("write");
 		}
 		buf += w;
@@ -232,8 +257,21 @@ static void drain_to_eof(int fd)
 	char buf[4096];
 
 	set_nonblocking(fd, 0);
-	while (read(fd, buf, sizeof(buf)) > 0)
-		;
+	for (;;) {
+		ssize_t r = read(fd, buf, sizeof(buf));
+
+		if (r > 0)
+			continue;
+		if (r == 0)
+			return;
+		if (errno == EINTR)
+			continue;
+		if (errno == EAGAIN) {
+			eagain_read++;
+			continue;
+		}
+		die("read");
+	}
 }
 
 /* ---- server ---------------------------------------------------------- */
@@ -241,19 +279,20 @@ static void drain_to_eof(int fd)
 static void serve_stream(const struct opts *o, int *conns)
 {
 	char *buf = malloc(READ_BUF);
-	uint64_t bytes = 0, reads = 0;
+	uint64_t bytes = 0, reads = 0, replied = 0;
+	uint64_t *per_conn = calloc(o->pairs, sizeof(uint64_t));
 	double first = 0, last = 0;
 	int open = o->pairs, ep, i;
 	struct epoll_event ev, events[64];
 
-	if (!buf)
+	if (!buf || !per_conn)
 		die("malloc");
 	ep = epoll_create1(0);
 	if (ep < 0)
 		die("epoll_create1");
 	for (i = 0; i < o->pairs; i++) {
 		ev.events = EPOLLIN;
-		ev.data.fd = conns[i];
+		ev.data.u32 = i;
 		if (epoll_ctl(ep, EPOLL_CTL_ADD, conns[i], &ev) < 0)
 			die("epoll_ctl");
 	}
@@ -262,7 +301,7 @@ static void serve_stream(const struct opts *o, int *conns)
 
 		/* One connection: plain blocking reads, what a simple reader does. */
 		if (o->pairs == 1) {
-			events[0].data.fd = conns[0];
+			events[0].data.u32 = 0;
 			n = 1;
 		} else {
 			n = epoll_wait(ep, events, 64, -1);
@@ -273,17 +312,26 @@ static void serve_stream(const struct opts *o, int *conns)
 			}
 		}
 		for (i = 0; i < n; i++) {
-			int fd = events[i].data.fd;
+			int k = events[i].data.u32, fd = conns[k];
 			ssize_t r = read(fd, buf, READ_BUF);
 
 			if (r < 0) {
-				if (errno == EINTR || errno == EAGAIN)
+				if (errno == EINTR)
 					continue;
+				/* blocking sockets; with several, epoll said readable */
+				if (errno == EAGAIN) {
+					eagain_read++;
+					continue;
+				}
 				die("read");
 			}
 			if (r == 0) {
 				last = now();
 				epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
+				if (o->reply) {
+					write_full(fd, (const char *)&per_conn[k], sizeof(per_conn[k]));
+					replied += sizeof(per_conn[k]);
+				}
 				close(fd);
 				open--;
 				continue;
@@ -291,12 +339,17 @@ static void serve_stream(const struct opts *o, int *conns)
 			if (!bytes)
 				first = now();
 			bytes += r;
+			per_conn[k] += r;
 			reads++;
 		}
 	}
 	printf("{\"role\": \"server\", \"mode\": \"stream\", \"recv_bytes\": %llu, \"reads\": %llu, "
-	       "\"sent_bytes\": 0, \"elapsed\": %.9f}\n",
-	       (unsigned long long)bytes, (unsigned long long)reads, bytes ? last - first : 0.0);
+	       "\"sent_bytes\": %llu, \"elapsed\": %.9f, \"eagain_read\": %llu, "
+	       "\"eagain_write\": %llu}\n",
+	       (unsigned long long)bytes, (unsigned long long)reads, (unsigned long long)replied,
+	       bytes ? last - first : 0.0, (unsigned long long)eagain_read,
+	       (unsigned long long)eagain_write);
+	free(per_conn);
 	free(buf);
 }
 
@@ -313,9 +366,11 @@ static void serve_pingpong(const struct opts *o, int fd)
 	}
 	close(fd);
 	printf("{\"role\": \"server\", \"mode\": \"pingpong\", \"transactions\": %llu, "
-	       "\"recv_bytes\": %llu, \"sent_bytes\": %llu}\n",
+	       "\"recv_bytes\": %llu, \"sent_bytes\": %llu, \"eagain_read\": %llu, "
+	       "\"eagain_write\": %llu}\n",
 	       (unsigned long long)n, (unsigned long long)(n * o->size),
-	       (unsigned long long)(n * o->size));
+	       (unsigned long long)(n * o->size), (unsigned long long)eagain_read,
+	       (unsigned long long)eagain_write);
 	free(buf);
 }
 
@@ -398,11 +453,13 @@ static void client_pingpong(const struct opts *o, int fd)
 	qsort(lat, n, sizeof(*lat), cmp_u64);
 	printf("{\"role\": \"client\", \"mode\": \"pingpong\", \"transactions\": %llu, "
 	       "\"sent_bytes\": %llu, \"recv_bytes\": %llu, \"elapsed\": %.9f, "
-	       "\"p50_us\": %.3f, \"p90_us\": %.3f, \"p99_us\": %.3f, \"p999_us\": %.3f}\n",
+	       "\"p50_us\": %.3f, \"p90_us\": %.3f, \"p99_us\": %.3f, \"p999_us\": %.3f, "
+	       "\"eagain_read\": %llu, \"eagain_write\": %llu}\n",
 	       (unsigned long long)n, (unsigned long long)(n * o->size),
 	       (unsigned long long)(n * o->size), elapsed, percentile_us(lat, n, 0.50),
 	       percentile_us(lat, n, 0.90), percentile_us(lat, n, 0.99),
-	       percentile_us(lat, n, 0.999));
+	       percentile_us(lat, n, 0.999), (unsigned long long)eagain_read,
+	       (unsigned long long)eagain_write);
 	free(lat);
 	free(buf);
 }
@@ -410,11 +467,12 @@ static void client_pingpong(const struct opts *o, int fd)
 static void client_stream(const struct opts *o, int *conns)
 {
 	char *buf = malloc(o->size);
-	uint64_t bytes = 0, writes = 0;
+	uint64_t bytes = 0, writes = 0, replies = 0, bad_replies = 0;
+	uint64_t *per_conn = calloc(o->pairs, sizeof(uint64_t));
 	double start, end, elapsed;
 	int ep = -1, i;
 
-	if (!buf)
+	if (!buf || !per_conn)
 		die("malloc");
 	memset(buf, 's', o->size);
 	if (o->pairs > 1) {
@@ -426,7 +484,7 @@ static void client_stream(const struct opts *o, int *conns)
 		for (i = 0; i < o->pairs; i++) {
 			set_nonblocking(conns[i], 1);
 			ev.events = EPOLLOUT;
-			ev.data.fd = conns[i];
+			ev.data.u32 = i;
 			if (epoll_ctl(ep, EPOLL_CTL_ADD, conns[i], &ev) < 0)
 				die("epoll_ctl");
 		}
@@ -441,9 +499,14 @@ static void client_stream(const struct opts *o, int *conns)
 			if (w < 0) {
 				if (errno == EINTR)
 					continue;
+				if (errno == EAGAIN) {
+					eagain_write++;
+					continue;
+				}
 				die("write");
 			}
 			bytes += w;
+			per_conn[0] += w;
 			writes++;
 			if ((writes & 63) == 0 && now() >= end)
 				break;
@@ -463,7 +526,9 @@ static void client_stream(const struct opts *o, int *conns)
 				int k;
 
 				for (k = 0; k < WRITE_BURST; k++) {
-					ssize_t w = write(events[i].data.fd, buf, o->size);
+					int c = events[i].data.u32;
+					/* non-blocking here: EAGAIN is the normal "buffer full" */
+					ssize_t w = write(conns[c], buf, o->size);
 
 					if (w < 0) {
 						if (errno == EAGAIN || errno == EINTR)
@@ -471,6 +536,7 @@ static void client_stream(const struct opts *o, int *conns)
 						die("write");
 					}
 					bytes += w;
+					per_conn[c] += w;
 					writes++;
 					if ((size_t)w < o->size)
 						break;
@@ -484,12 +550,26 @@ static void client_stream(const struct opts *o, int *conns)
 		shutdown(conns[i], SHUT_WR);
 	/* The server has read everything once it closes its side. */
 	for (i = 0; i < o->pairs; i++) {
+		if (o->reply) {
+			uint64_t count = 0;
+
+			set_nonblocking(conns[i], 0);
+			if (read_full(conns[i], (char *)&count, sizeof(count)) != sizeof(count) ||
+			    count != per_conn[i])
+				bad_replies++;
+			else
+				replies++;
+		}
 		drain_to_eof(conns[i]);
 		close(conns[i]);
 	}
 	printf("{\"role\": \"client\", \"mode\": \"stream\", \"sent_bytes\": %llu, "
-	       "\"writes\": %llu, \"elapsed\": %.9f}\n",
-	       (unsigned long long)bytes, (unsigned long long)writes, elapsed);
+	       "\"writes\": %llu, \"elapsed\": %.9f, \"replies\": %llu, \"bad_replies\": %llu, "
+	       "\"eagain_read\": %llu, \"eagain_write\": %llu}\n",
+	       (unsigned long long)bytes, (unsigned long long)writes, elapsed,
+	       (unsigned long long)replies, (unsigned long long)bad_replies,
+	       (unsigned long long)eagain_read, (unsigned long long)eagain_write);
+	free(per_conn);
 	free(buf);
 }
 
@@ -556,6 +636,8 @@ int main(int argc, char **argv)
 			o.pairs = atoi(arg_value(argc, argv, &i));
 		} else if (!strcmp(a, "--nodelay")) {
 			o.nodelay = atoi(arg_value(argc, argv, &i)) ? 1 : 0;
+		} else if (!strcmp(a, "--reply")) {
+			o.reply = atoi(arg_value(argc, argv, &i)) ? 1 : 0;
 		} else if (!strcmp(a, "--duration")) {
 			o.duration = atof(arg_value(argc, argv, &i));
 		} else {
@@ -570,6 +652,8 @@ int main(int argc, char **argv)
 		usage("--pairs out of range");
 	if (o.pingpong && o.pairs != 1)
 		usage("pingpong takes one pair");
+	if (o.pingpong && o.reply)
+		usage("--reply is for stream mode");
 	if (!o.server && !o.unix_family && !o.port)
 		usage("client needs --port");
 	return o.server ? run_server(&o) : run_client(&o);

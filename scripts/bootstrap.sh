@@ -6,8 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(python3-bpfcc bpftool clang linux-headers-amd64 socat iperf3 sockperf
-          iproute2 python3-venv python3-pip util-linux procps python3-matplotlib)
+# redis-server, nginx-light, wrk, curl: benchmarks/apps.py. Where the packages start their
+# system services, those are left alone: the benchmark runs its own servers in a netns of its own.
+# libbpf-dev, llvm: scripts/build-bpf.sh; openssh-*: the fleet harness (benchmarks/fleet.py).
+packages=(python3-bpfcc bpftool clang linux-headers-amd64 socat iperf3 sockperf nftables
+          iproute2 python3-venv python3-pip util-linux procps python3-matplotlib
+          redis-server nginx-light wrk curl libbpf-dev llvm openssh-server openssh-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(REPO, 'tests'))
 sys.path.insert(0, COLLECTIONS)
 
 from support import hostenv  # noqa: E402
-from support.plays import MAPS, PROGRAMS, SRC, converge_tasks, remove_pin_dir, teardown_tasks  # noqa: E402,F401
+from support.plays import MAPS, OBJECT, PROGRAMS, SRC, converge_tasks, remove_pin_dir, teardown_tasks  # noqa: E402,F401,E501
 
 
 def _is_mountpoint(path):

@@ -32,8 +32,8 @@ class Instance(object):
         self.pin_root = os.path.join(BPFFS, hostenv.unique_name(PREFIX))
         self.cgroup = cgroup
         self.src_dir = str(tmp_path / ('src-' + name))
-        self.params = dict(pin_root=self.pin_root, cgroup=cgroup, src_dir=self.src_dir, map_size=1024,
-                           sources=engine.sources(), lock_timeout=300)
+        self.params = dict(pin_root=self.pin_root, cgroup=cgroup, src_dir=self.src_dir,
+                           object_b64=engine.object_b64(), lock_timeout=300)
         self.workdir = tmp_path
 
     def run(self, **changes):
@@ -199,14 +199,18 @@ def test_src_dir_with_files_of_others(make, tmp_path):
     a = make()
     a.src_dir = a.params['src_dir'] = str(app)
     assert a.run()[0] == 0
-    assert sorted(os.listdir(app)) == ['app.conf', 'sockredir.bpf.c', 'sockredir.h']
+    assert sorted(os.listdir(app)) == ['app.conf', 'sockredir.bpf.o']
     rc, data, _ = a.run(state='absent')
     assert rc == 0, data
     assert sorted(os.listdir(app)) == ['app.conf'] and (app / 'app.conf').read_text() == 'theirs\n'
 
     # a file of theirs under one of our names is not overwritten
-    (app / 'sockredir.h').write_text('/* theirs */\n')
+    (app / 'sockredir.bpf.o').write_text('/* theirs */\n')
     rc, data, _ = a.run()
+    assert rc == 1 and 'already holds a sockredir.bpf.o that this collection did not write' in data['msg'], data
+    assert (app / 'sockredir.bpf.o').read_text() == '/* theirs */\n'
+    (app / 'sockredir.h').write_text('/* theirs */\n')
+    rc, data, _ = a.run(loader='bcc', sources=engine.sources())
     assert rc == 1 and 'already holds a sockredir.h that this collection did not write' in data['msg'], data
     assert (app / 'sockredir.h').read_text() == '/* theirs */\n'
     assert not os.path.exists(a.pin_root) and a.record() is None

@@ -7,7 +7,7 @@ import os
 import subprocess
 
 from ansible_collections.ebpf.sockredir.plugins.module_utils import program
-from conftest import (bpftool_json, converge_tasks, copy_sources, loaded_sockmap_prog_ids,
+from conftest import (MAPS, bpftool_json, converge_tasks, copy_sources, loaded_sockmap_prog_ids,
                       teardown_tasks)
 
 
@@ -169,14 +169,16 @@ def test_map_resize_is_refused_unless_recreate_maps(play, redirected):
     assert refused.rc != 0
     msg = refused.tasks['load']['msg']
     assert 'recreate_maps' in msg and '65535 entries' in msg and 'declares a sockhash of 1024' in msg
-    assert sorted(os.listdir(pin_dir)) == ['sockredir_hash', 'sockredir_msg', 'sockredir_ops', 'sockredir_stats']
+    assert sorted(os.listdir(pin_dir)) == sorted(MAPS + ['sockredir_msg', 'sockredir_ops'])
 
     tasks[0]['ebpf.sockredir.bpf_program']['recreate_maps'] = True
     replaced = play(tasks)
     assert replaced.rc == 0, replaced
-    assert replaced.tasks['load']['recreated_maps'] == ['sockredir_hash']
+    # every map sized by SOCKREDIR_MAP_SIZE
+    assert sorted(replaced.tasks['load']['recreated_maps']) == sorted(
+        ['sockredir_hash', 'sockredir_flows', 'sockredir_gates', 'sockredir_reqs'])
     now = replaced.tasks['load']['maps']['sockredir_hash']
     assert now['max_entries'] == 1024 and now['id'] != before['id']
     assert replaced.tasks['attach msg']['attached'][0]['id'] == replaced.tasks['load']['programs']['sockredir_msg']['id']
-    assert sorted(os.listdir(pin_dir)) == ['sockredir_hash', 'sockredir_msg', 'sockredir_ops', 'sockredir_stats']
+    assert sorted(os.listdir(pin_dir)) == sorted(MAPS + ['sockredir_msg', 'sockredir_ops'])
     assert play(tasks).changed == 0

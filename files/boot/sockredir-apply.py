@@ -79,7 +79,8 @@ def mount_bpffs(params, check):
 
 def apply(params, check):
     """Lines saying what was done for one instance; raises BpfError."""
-    done = instance.converge(dict(params, state='present', sources=None), check)
+    # a record from before the object loader has no loader: it was compiled by bcc
+    done = instance.converge(dict(dict(loader='bcc'), **dict(params, state='present', sources=None)), check)
     if done['needs']['packages'] or done['needs']['mounts']:
         raise BpfError('the host lacks %s' % ', '.join(done['needs']['packages'] +
                                                        [m['path'] for m in done['needs']['mounts']]))

@@ -21,7 +21,7 @@ SYSTEM_PYTHONS = ['/usr/bin/python3', '/usr/libexec/platform-python', '/usr/bin/
 
 
 def require_bcc(module):
-    if loader.HAS_BCC:
+    if loader.import_bcc() is None:
         return
     if not has_respawned():
         interpreter = probe_interpreters_for_module(SYSTEM_PYTHONS, 'bcc')
@@ -37,7 +37,7 @@ def require_bcc(module):
 def prefer_bcc():
     """Re-run under a system Python that has bcc, if this one lacks it; else carry on
     (the caller reports bcc as a missing package)."""
-    if loader.HAS_BCC or has_respawned():
+    if has_respawned() or loader.import_bcc() is None:
         return
     interpreter = probe_interpreters_for_module(SYSTEM_PYTHONS, 'bcc')
     if interpreter:

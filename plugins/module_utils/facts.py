@@ -13,7 +13,9 @@ from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfEr
 # Index -> name of the counters in the sockredir_stats per-CPU array. This list
 # and the enum in files/bpf/sockredir.h are one contract: change both together.
 COUNTERS = ('redirected_msgs', 'redirected_bytes', 'passed_msgs', 'passed_bytes',
-            'inserted', 'insert_full', 'insert_failed')
+            'inserted', 'insert_full', 'insert_failed',
+            'not_admitted_peer', 'not_admitted_early_data', 'demoted_small_writes',
+            'tcp_peer_absent', 'removed', 'demotion_refused', 'not_admitted_policy')
 STATS_MAP = 'sockredir_stats'
 
 

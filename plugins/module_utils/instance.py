@@ -26,6 +26,7 @@ the list of checks, one function each, each returning one line per problem.
 from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
+import base64
 import errno
 import fcntl
 import hashlib
@@ -35,7 +36,8 @@ import re
 import shutil
 import time
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import attach, facts, loader, mounts, pins, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils import attach, facts, libbpf, loader, mounts, pins, \
+    policy, program
 from ansible_collections.ebpf.sockredir.plugins.module_utils import headers as kheaders
 from ansible_collections.ebpf.sockredir.plugins.module_utils.preflight import BOOT_LIB, BOOT_UNIT, PREFLIGHT
 from ansible_collections.ebpf.sockredir.plugins.module_utils.sources import SourceDir
@@ -45,8 +47,12 @@ from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfEr
 # and maps here (and nowhere else) when the source gains them.
 SOCK_OPS, SK_MSG, SOCKHASH = 'sockredir_ops', 'sockredir_msg', 'sockredir_hash'
 PROGRAMS = [dict(name=SOCK_OPS, type='sock_ops'), dict(name=SK_MSG, type='sk_msg')]
-MAPS = [SOCKHASH, 'sockredir_stats']
+MAPS = [SOCKHASH, 'sockredir_stats', 'sockredir_flows', 'sockredir_gates', 'sockredir_reqs',
+        policy.CFG, policy.PORTS]
 SOURCE = 'sockredir.bpf.c'
+OBJECT = 'sockredir.bpf.o'  # SOURCE built by scripts/build-bpf.sh
+OBJECT_MAP_SIZE = 65535  # SOCKREDIR_MAP_SIZE the object was built with
+LOADERS = ('object', 'bcc')
 
 RECORD_DIR = '/var/lib/ebpf-sockredir/instances'
 RECORD_FORMAT = 2
@@ -55,16 +61,18 @@ BPFFS_OPTS = 'nosuid,nodev,noexec,mode=0700'
 # Test hook: "<step>:<file>" makes a run stop after <step>, create <file>.reached
 # and wait (up to 120 s) until <file> is removed.
 PAUSE_ENV = 'SOCKREDIR_PAUSE'
-STEPS = ('record', 'sources', 'load', 'attach sk_msg', 'attach sock_ops', 'detach previous', 'done')
+STEPS = ('record', 'sources', 'load', 'settings', 'attach sk_msg', 'attach sock_ops', 'detach previous', 'done')
 
 DEFAULTS = dict(state='present', pin_root='/sys/fs/bpf/sockredir', cgroup='', bpffs_mount='/sys/fs/bpf',
                 bpffs_persist=False, cgroup2_mount='', src_dir='/usr/local/share/ebpf-sockredir/bpf',
-                sources=None, map_size=65535, allow_ports=[], deny_ports=[], kernel_headers='auto',
+                sources=None, object_b64=None, loader='object', map_size=65535, allow_ports=[], deny_ports=[],
+                debug=False, small_write_bytes=0, small_write_streak=0, kernel_headers='auto',
                 headers_cache=kheaders.DEFAULT_CACHE, recreate_maps=False, boot=False,
                 boot_python='/usr/bin/python3', mounted=[], lock_timeout=600)
 # what a boot needs again, kept in the record
-BOOT_PARAMS = ('pin_root', 'cgroup', 'bpffs_mount', 'src_dir', 'map_size', 'allow_ports', 'deny_ports',
-               'kernel_headers', 'headers_cache', 'recreate_maps', 'boot', 'boot_python')
+BOOT_PARAMS = ('pin_root', 'cgroup', 'bpffs_mount', 'src_dir', 'loader', 'map_size', 'allow_ports', 'deny_ports',
+               'debug', 'small_write_bytes', 'small_write_streak', 'kernel_headers', 'headers_cache',
+               'recreate_maps', 'boot', 'boot_python')
 
 
 def record_path(pin_root, record_dir=RECORD_DIR):
@@ -174,8 +182,23 @@ class Instance(object):
         self.cgroup = cgroup or self.cgroup2_root
         rec = self.record or {}
         self.src = SourceDir(p['src_dir'] if p['state'] == 'present' else rec.get('src_dir', p['src_dir']),
-                             p['sources'], rec.get('src_files'))
+                             self._files(), rec.get('src_files'))
         self.pins = None
+
+    def _files(self):
+        """{name: bytes} to write into src_dir: the sources (bcc) or the object (object), if given."""
+        p = self.params
+        if p['sources'] is None and p['object_b64'] is None:
+            return None  # use what src_dir has (the boot)
+        files = {}
+        if p['loader'] == 'bcc':
+            files.update((n, t.encode()) for n, t in (p['sources'] or {}).items())
+        elif p['object_b64'] is not None:
+            try:
+                files[OBJECT] = base64.b64decode(p['object_b64'], validate=True)
+            except (TypeError, ValueError) as e:
+                self.refused.append('object_b64: not base64 (%s)' % e)
+        return files
 
     # -- what there is, what is missing ------------------------------------
 
@@ -192,15 +215,21 @@ class Instance(object):
         out = dict(packages=[], mounts=[])
         if p['state'] != 'present':
             return out
-        if not loader.HAS_BCC:
-            out['packages'].append('bcc')
+        if p['loader'] == 'bcc':
+            if loader.import_bcc() is not None:
+                out['packages'].append('bcc')
+            try:
+                kheaders.resolve(p['kernel_headers'], p['headers_cache'], check_mode=True)
+            except BpfError:
+                if p['kernel_headers'] == 'auto':
+                    out['packages'].append('kernel-headers')
+        else:
+            try:
+                libbpf.typed()
+            except BpfError:
+                out['packages'].append('libbpf')
         if not shutil.which('bpftool', path=os.pathsep.join([os.environ.get('PATH', ''), '/usr/sbin', '/sbin'])):
             out['packages'].append('bpftool')
-        try:
-            kheaders.resolve(p['kernel_headers'], p['headers_cache'], check_mode=True)
-        except BpfError:
-            if p['kernel_headers'] == 'auto':
-                out['packages'].append('kernel-headers')
         fstab_state = 'mounted' if p['bpffs_persist'] else 'ephemeral'
         if not self.bpffs_mounted:
             out['mounts'].append(dict(path=p['bpffs_mount'], src='bpf', fstype='bpf', opts=BPFFS_OPTS,
@@ -213,17 +242,29 @@ class Instance(object):
                                       opts='nosuid,nodev,noexec', state='ephemeral'))
         return out
 
+    def loader_line(self):
+        """Which path this host takes, for the plan."""
+        if self.params['loader'] == 'object':
+            return 'loader: object (the prebuilt %s through libbpf; no compiler, headers or bcc needed)' % OBJECT
+        return 'loader: bcc (compiles %s on the host: python3-bpfcc and kernel headers needed)' % SOURCE
+
     def defines(self):
+        # The port policy and the switches are run-time settings (policy.py), not -D.
+        return dict(SOCKREDIR_MAP_SIZE=self.params['map_size'])
+
+    def settings(self):
         p = self.params
-        out = dict(SOCKREDIR_MAP_SIZE=p['map_size'])
-        if p['allow_ports']:
-            out['SOCKREDIR_ALLOW_PORTS'] = ','.join(map(str, p['allow_ports']))
-        if p['deny_ports']:
-            out['SOCKREDIR_DENY_PORTS'] = ','.join(map(str, p['deny_ports']))
-        return out
+        return policy.wanted(p['pin_root'], p['allow_ports'], p['deny_ports'], p['debug'],
+                             p['small_write_bytes'], p['small_write_streak'])
 
     def program_set(self):
         p = self.params
+        if p['loader'] == 'object':
+            from ansible_collections.ebpf.sockredir.plugins.module_utils import objloader
+            return objloader.ObjectSet(p['pin_root'], os.path.join(self.src.path, OBJECT), programs=PROGRAMS,
+                                       maps=MAPS, recreate_maps=p['recreate_maps'], record=LoadRecord(self),
+                                       pin_set=self.pins,
+                                       obj_bytes=(self.src.sources or {}).get(OBJECT))
         return program.ProgramSet(p['pin_root'], programs=PROGRAMS, maps=MAPS,
                                   src=os.path.join(self.src.path, SOURCE), defines=self.defines(),
                                   kernel_headers=p['kernel_headers'], headers_cache=p['headers_cache'],
@@ -257,24 +298,35 @@ class Instance(object):
         p = self.params
         self.pins = pins.PinDir(p['pin_root'], 'pin_root', create=False)
         ps = self.program_set()
-        changed_sources = self.src.changes() if p['sources'] is not None else []
+        changed_sources = self.src.changes() if self.src.sources is not None else []
         actions = []
         if changed_sources:
             actions.append('write %s in %s' % (', '.join(changed_sources), self.src.path))
-        plan_headers = kheaders.resolve(p['kernel_headers'], p['headers_cache'], check_mode=True)
-        if changed_sources:
-            reasons = ['the sources changed']
+        if p['loader'] == 'bcc':
+            plan_headers = kheaders.resolve(p['kernel_headers'], p['headers_cache'], check_mode=True)
         else:
+            plan_headers = dict(kind='none (prebuilt object)', path='', env={})
+        if changed_sources and p['loader'] == 'bcc':
+            reasons = ['the sources changed']
+        else:  # the object's digest is that of the bytes about to be written
             reasons = ps.reload_reasons(ps.current(), ps.read_record(), ps.digest(plan_headers))
+            if p['loader'] == 'object':
+                reasons += [r for r in ps.check_shapes() if r not in reasons]
         if reasons:
             actions.append('load and pin (%s)' % '; '.join(reasons))
+        settings, ports = self.settings()
+        if self.pins.exists and self.pins.describe(policy.CFG) and self.pins.describe(policy.PORTS):
+            actions += ['write %s' % w for w in policy.converge(self.pins, settings, ports, check_mode=True)['what']]
+        else:
+            actions.append('write settings and port policy')
         attach_plan = self._attach_plan(ps)
         actions += attach_plan
         record_changes = self._record_changes()
         if record_changes and not actions:
             actions.append('update the record (%s)' % ', '.join(sorted(record_changes)))
-        result = dict(changed=bool(actions), actions=actions, reload_reasons=reasons,
-                      kernel_headers=plan_headers, record=self.record_file)
+        result = dict(changed=bool(actions), actions=actions, reload_reasons=reasons, loader=self.loader_line(),
+                      kernel_headers={k: v for k, v in plan_headers.items() if k != 'env'} if p['loader'] == 'object'
+                      else plan_headers, record=self.record_file)
         if check_mode or not actions:
             result['digest'] = ((self.record or {}).get('load') or {}).get('digest', '')
             return result
@@ -295,6 +347,9 @@ class Instance(object):
                 ps = self.program_set()
             ps.reload(result)
         pause('load')
+        # before the attaches: the first socket admitted already meets the policy
+        policy.converge(self.pins, settings, ports)
+        pause('settings')
         self._converge_attachment(SK_MSG)
         pause('attach sk_msg')
         self._converge_attachment(SOCK_OPS, self.cgroup)
@@ -455,7 +510,8 @@ class Instance(object):
                    src_dir=self.src.path, record=self.record_file)
         if p['state'] != 'present':
             return out
-        out.update(reloaded=any(a.startswith('load') for a in result.get('actions', [])),
+        out.update(loader=p['loader'], settings=None,
+                   reloaded=any(a.startswith('load') for a in result.get('actions', [])),
                    reload_reasons=result.get('reload_reasons', []), digest=result.get('digest', ''),
                    kernel_headers=result.get('kernel_headers', {}), features=self.features,
                    programs={}, maps={}, sockets=0, counters={}, attached=dict(cgroup=[], sockhash=None))
@@ -463,6 +519,8 @@ class Instance(object):
             return out
         info = facts.pin_dir_facts(p['pin_root'])
         hashmap = info['maps'].get(SOCKHASH) or {}
+        if self.pins is not None and self.pins.exists:
+            out['settings'] = policy.read(self.pins)
         out.update(programs=info['programs'], maps=info['maps'], counters=info.get('counters', {}),
                    sockets=hashmap.get('entries', 0), attached=dict(sockhash=hashmap.get('msg_verdict')))
         out['attached']['cgroup'] = [a for a in facts.cgroup_attachments(self.cgroup)['sock_ops']
@@ -535,7 +593,8 @@ def converge(params, check_mode=False, record_dir=RECORD_DIR, lock_file=LOCK_FIL
             if refusals:
                 raise BpfError('\n'.join(refusals), details=dict(refusals=refusals))
             if needs['packages'] or needs['mounts']:
-                return dict(changed=False, needs=needs, actions=[], facts=inst.facts({}), boot=inst.boot())
+                return dict(changed=False, needs=needs, actions=[], facts=inst.facts({}), boot=inst.boot(),
+                            loader=inst.loader_line())
             result = inst.absent(check_mode) if inst.params['state'] == 'absent' else inst.present(check_mode)
             result.update(needs=needs, facts=inst.facts(result), boot=inst.boot())
             return result

@@ -91,14 +91,18 @@ _SIGNATURES = {
 }
 
 
+def _open_libbpf():
+    try:
+        return ctypes.CDLL(LIBBPF, use_errno=True)
+    except OSError as e:
+        raise BpfError('libbpf (%s) could not be loaded: %s. Install the package libbpf1 '
+                       '(a dependency of python3-bpfcc).' % (LIBBPF, e))
+
+
 def lib():
     global _lib
     if _lib is None:
-        try:
-            loaded = ctypes.CDLL(LIBBPF, use_errno=True)
-        except OSError as e:
-            raise BpfError('libbpf (%s) could not be loaded: %s. Install the package libbpf1 '
-                           '(a dependency of python3-bpfcc).' % (LIBBPF, e))
+        loaded = _open_libbpf()
         for name, (argtypes, restype) in _SIGNATURES.items():
             fn = getattr(loaded, name)
             fn.argtypes, fn.restype = argtypes, restype
@@ -269,3 +273,190 @@ class Fd(object):
 
     def __exit__(self, *exc):
         os.close(self.fd)
+
+
+# -- ELF objects (bpf_object__*), for the object path of bpf_program ----------
+
+MAP_TYPE_ARRAY = 2
+MAP_TYPE_NAMES.setdefault(MAP_TYPE_ARRAY, 'array')
+
+
+class _ObjectOpenOpts(ctypes.Structure):
+    # struct bpf_object_open_opts of libbpf 1.1 (libbpf.h); sz tells newer
+    # versions which fields we know.
+    _fields_ = [
+        ('sz', ctypes.c_size_t), ('object_name', ctypes.c_char_p),
+        ('relaxed_maps', ctypes.c_bool), ('pin_root_path', ctypes.c_char_p),
+        ('_attach_prog_fd', ctypes.c_uint32), ('kconfig', ctypes.c_char_p),
+        ('btf_custom_path', ctypes.c_char_p), ('kernel_log_buf', ctypes.c_void_p),
+        ('kernel_log_size', ctypes.c_size_t), ('kernel_log_level', ctypes.c_uint32),
+    ]
+
+
+_P = ctypes.c_void_p
+_OBJECT_API = {
+    # name: (restype, argtypes)
+    'libbpf_version_string': (ctypes.c_char_p, []),
+    'bpf_object__open_mem': (_P, [_P, ctypes.c_size_t, ctypes.POINTER(_ObjectOpenOpts)]),
+    'bpf_object__load': (ctypes.c_int, [_P]),
+    'bpf_object__close': (None, [_P]),
+    'bpf_object__next_program': (_P, [_P, _P]),
+    'bpf_object__next_map': (_P, [_P, _P]),
+    'bpf_program__name': (ctypes.c_char_p, [_P]),
+    'bpf_program__section_name': (ctypes.c_char_p, [_P]),
+    'bpf_program__type': (ctypes.c_int, [_P]),
+    'bpf_program__fd': (ctypes.c_int, [_P]),
+    'bpf_map__name': (ctypes.c_char_p, [_P]),
+    'bpf_map__type': (ctypes.c_int, [_P]),
+    'bpf_map__key_size': (ctypes.c_uint32, [_P]),
+    'bpf_map__value_size': (ctypes.c_uint32, [_P]),
+    'bpf_map__max_entries': (ctypes.c_uint32, [_P]),
+    'bpf_map__map_flags': (ctypes.c_uint32, [_P]),
+    'bpf_map__is_internal': (ctypes.c_bool, [_P]),
+    'bpf_map__reuse_fd': (ctypes.c_int, [_P, ctypes.c_int]),
+    'bpf_map__fd': (ctypes.c_int, [_P]),
+    'bpf_map_lookup_elem': (ctypes.c_int, [ctypes.c_int, _P, _P]),
+    'bpf_map_update_elem': (ctypes.c_int, [ctypes.c_int, _P, _P, ctypes.c_uint64]),
+    'bpf_map_delete_elem': (ctypes.c_int, [ctypes.c_int, _P]),
+}
+_typed = None
+
+
+def typed():
+    """libbpf with argtypes/restype declared for the object API (pointers stay pointers)."""
+    global _typed
+    if _typed is None:
+        handle = _open_libbpf()  # a handle of its own: these types do not change lib()'s callers
+        for func, (restype, argtypes) in _OBJECT_API.items():
+            fn = getattr(handle, func)
+            fn.restype = restype
+            fn.argtypes = argtypes
+        _typed = handle
+    return _typed
+
+
+def version():
+    return typed().libbpf_version_string().decode()
+
+
+class BpfObject(object):
+    """An ELF object opened by libbpf from its bytes: programs and maps before load, fds after.
+
+    From bytes, not a path: what is loaded is exactly what the caller read,
+    checked and digested (libbpf re-opening a path could find another file).
+
+    libbpf's own messages (and the verifier log it prints on a failed load) go
+    to stderr; the caller captures fd 2 around open() and load().
+    """
+
+    LOG_SIZE = 1 << 20
+
+    def __init__(self, path, data):
+        self.path = path
+        self.buf = ctypes.create_string_buffer(data, len(data))  # alive as long as the object
+        self.name = ctypes.c_char_p(os.path.basename(path).split('.')[0].encode())
+        self.log = ctypes.create_string_buffer(self.LOG_SIZE)
+        # level 0: no log on success; on a failed load libbpf retries with
+        # level 1 into this buffer (the verifier's reasons).
+        opts = _ObjectOpenOpts(sz=ctypes.sizeof(_ObjectOpenOpts), object_name=self.name,
+                               kernel_log_buf=ctypes.addressof(self.log),
+                               kernel_log_size=self.LOG_SIZE, kernel_log_level=0)
+        ctypes.set_errno(0)
+        self.obj = typed().bpf_object__open_mem(self.buf, len(data), ctypes.byref(opts))
+        if not self.obj:
+            err = ctypes.get_errno() or errno.EINVAL
+            raise BpfError('object: libbpf cannot open %s: %s (expected a BPF ELF object built with '
+                           'clang -target bpf, with BTF map definitions)' % (path, os.strerror(err)),
+                           param='object', details={'errno': errno.errorcode.get(err, str(err))})
+
+    def _walk(self, nxt):
+        item = nxt(self.obj, None)
+        while item:
+            yield item
+            item = nxt(self.obj, item)
+
+    def programs(self):
+        """{name: handle} of every program in the object."""
+        return {typed().bpf_program__name(p).decode(): p for p in self._walk(typed().bpf_object__next_program)}
+
+    def maps(self):
+        """{name: handle} of the object's own maps (not .rodata/.bss/.data)."""
+        api = typed()
+        return {api.bpf_map__name(m).decode(): m for m in self._walk(api.bpf_object__next_map)
+                if not api.bpf_map__is_internal(m)}
+
+    @staticmethod
+    def program_type(prog):
+        return PROG_TYPE_NAMES.get(typed().bpf_program__type(prog), str(typed().bpf_program__type(prog)))
+
+    @staticmethod
+    def section(prog):
+        return typed().bpf_program__section_name(prog).decode()
+
+    @staticmethod
+    def map_shape(m):
+        """The declared shape, in map_info()'s terms."""
+        api = typed()
+        return dict(type=MAP_TYPE_NAMES.get(api.bpf_map__type(m), str(api.bpf_map__type(m))),
+                    key_size=api.bpf_map__key_size(m), value_size=api.bpf_map__value_size(m),
+                    max_entries=api.bpf_map__max_entries(m), flags=api.bpf_map__map_flags(m))
+
+    @staticmethod
+    def reuse_map(m, fd):
+        """Make the object use the existing map fd (libbpf dups it) instead of creating one."""
+        _check(typed().bpf_map__reuse_fd(m, fd), 'reusing a pinned map')
+
+    def load(self):
+        rc = typed().bpf_object__load(self.obj)
+        if rc < 0:
+            raise BpfError('bpf_object__load: %s' % os.strerror(-rc),
+                           details={'errno': errno.errorcode.get(-rc, str(-rc))})
+
+    def verifier_log(self):
+        return self.log.value.decode('utf-8', 'replace')
+
+    @staticmethod
+    def program_fd(prog):
+        return _check(typed().bpf_program__fd(prog), 'program fd')
+
+    @staticmethod
+    def map_fd(m):
+        return _check(typed().bpf_map__fd(m), 'map fd')
+
+    def close(self):
+        if self.obj:
+            typed().bpf_object__close(self.obj)
+            self.obj = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def map_lookup(fd, key, value_size):
+    """The value bytes at key (bytes) of a map, or None when there is none."""
+    value = ctypes.create_string_buffer(value_size)
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    rc = typed().bpf_map_lookup_elem(fd, kbuf, value)
+    if rc == -errno.ENOENT:
+        return None
+    _check(rc, 'reading a map value')
+    return value.raw
+
+
+def map_update(fd, key, value, flags=0):
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value, len(value))
+    _check(typed().bpf_map_update_elem(fd, kbuf, vbuf, flags), 'writing a map value')
+
+
+def map_delete(fd, key):
+    """Delete key (bytes) from a hash map; False when it was not there."""
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    rc = typed().bpf_map_delete_elem(fd, kbuf)
+    if rc == -errno.ENOENT:
+        return False
+    _check(rc, 'deleting a map value')
+    return True

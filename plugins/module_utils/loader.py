@@ -11,53 +11,32 @@ and put into the error.
 from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
-import contextlib
 import ctypes
 import os
 import re
-import sys
-import tempfile
 
+from ansible_collections.ebpf.sockredir.plugins.module_utils.capture import captured_output
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
-try:
-    from bcc import BPF
-    from bcc import libbcc
-    HAS_BCC = True
-    BCC_IMPORT_ERROR = None
-except ImportError as e:
-    HAS_BCC = False
-    BCC_IMPORT_ERROR = e
+# bcc is imported on first use: the import takes about 0.3 s, and a module on
+# the object path (objloader) never needs it.
+BPF = libbcc = None
+BCC_IMPORT_ERROR = None
 
 PROG_TYPES = {'sock_ops': 13, 'sk_msg': 16}  # BPF.SOCK_OPS, BPF.SK_MSG
 NO_TABLE = 2 ** 64 - 1  # bpf_table_id() of an unknown name
 
 
-class _Captured(object):
-    text = ''
-
-
-@contextlib.contextmanager
-def captured_output():
-    """Redirect fds 1 and 2 to a temp file for the duration; .text has what was written."""
-    box = _Captured()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 1)
-        os.dup2(tmp.fileno(), 2)
+def import_bcc():
+    """Import bcc once; returns the ImportError, or None when bcc is there."""
+    global BPF, libbcc, BCC_IMPORT_ERROR
+    if BPF is None and BCC_IMPORT_ERROR is None:
         try:
-            yield box
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            tmp.seek(0)
-            box.text = tmp.read().decode('utf-8', 'replace')
+            from bcc import BPF as bpf_class, libbcc as bcc_lib
+            BPF, libbcc = bpf_class, bcc_lib
+        except ImportError as e:
+            BCC_IMPORT_ERROR = e
+    return BCC_IMPORT_ERROR
 
 
 def bcc_version():
@@ -75,6 +54,8 @@ class Compiled(object):
 
     def __init__(self, src_path, cflags, env):
         self.src_path = src_path
+        if import_bcc() is not None:
+            raise BpfError('src: compiling needs bcc (python3-bpfcc): %s' % BCC_IMPORT_ERROR, param='src')
         saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:

@@ -141,3 +141,34 @@ class PinDir(object):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def pin_staged(at, fds, made):
+    """Pin each (name, fd) at <name>__staging in the PinDir at, then rename all over <name>.
+
+    bpffs renames atomically, so a reader of a pin sees the old or the new
+    object, never nothing. Every staging pin's name is appended to made (the
+    caller's undo list) as soon as it exists.
+    """
+    staged = []
+    for name, fd in fds:
+        tmp = '%s__staging' % name
+        if at.lexists(tmp):
+            at.unlink(tmp)
+        libbpf.obj_pin(fd, at.at(tmp))
+        made.append(tmp)
+        staged.append((tmp, name))
+    for tmp, final in staged:
+        at.rename(tmp, final)
+
+
+def undo(at, made, set_aside):
+    """After a failed load: remove the pins named in made, put set-aside maps (<name>__replaced)
+    back, remove the directory if this load created it (at.created) and nothing is left in it."""
+    for name in made:
+        if at.lexists(name):
+            at.unlink(name)
+    for m in set_aside:
+        at.rename(m + '__replaced', m)
+    if at.created:
+        at.rmdir_if_empty()

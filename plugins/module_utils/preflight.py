@@ -22,7 +22,8 @@ from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfEr
 
 MIN_KERNEL = (5, 15)  # bpf_get_netns_cookie() in sock_ops and sk_msg (the sockhash key)
 MAX_MAP_SIZE = 134217728  # largest sockhash the kernel creates
-MAX_PORTS = 64
+MAX_PORTS = 1024  # entries of the sockredir_ports map (SOCKREDIR_MAX_PORTS)
+OBJECT_MAP_SIZE = 65535  # SOCKREDIR_MAP_SIZE of the prebuilt object
 BOOT_UNIT = '/etc/systemd/system/ebpf-sockredir.service'
 BOOT_LIB = '/usr/local/lib/ebpf-sockredir'
 
@@ -55,16 +56,29 @@ def check_options(inst):
     ports = [x for x in p['allow_ports'] + p['deny_ports'] if not 1 <= x <= 65535]
     if ports:
         out.append('allow_ports/deny_ports: ports must be 1-65535, got %s' % ', '.join(map(str, ports)))
-    for name in ('allow_ports', 'deny_ports'):
-        if len(p[name]) > MAX_PORTS:
-            out.append('%s: at most %d ports are compiled in, got %d' % (name, MAX_PORTS, len(p[name])))
+    listed = set(p['allow_ports']) | set(p['deny_ports'])
+    if len(listed) > MAX_PORTS:
+        out.append('allow_ports/deny_ports: at most %d ports in all (the size of the sockredir_ports map), got %d'
+                   % (MAX_PORTS, len(listed)))
+    both = sorted(set(p['allow_ports']) & set(p['deny_ports']))
+    if both:
+        out.append('allow_ports/deny_ports: %s listed in both; a port is either allowed or denied'
+                   % ', '.join(map(str, both)))
+    for name in ('small_write_bytes', 'small_write_streak'):
+        if not 0 <= p[name] <= 0xffffffff:
+            out.append('%s: must be 0 (the program\'s default) to 4294967295, got %d' % (name, p[name]))
+    if p['loader'] not in ('object', 'bcc'):
+        out.append('loader: must be object or bcc, got %r' % p['loader'])
+    elif p['loader'] == 'object' and p['map_size'] != OBJECT_MAP_SIZE:
+        out.append('map_size: the prebuilt object has a sockhash of %d entries; for %d use loader bcc, which '
+                   'compiles the size in' % (OBJECT_MAP_SIZE, p['map_size']))
     if not 1 <= p['map_size'] <= MAX_MAP_SIZE:
         out.append('map_size: must be 1-%d (the largest sockhash the kernel creates), got %d'
                    % (MAX_MAP_SIZE, p['map_size']))
-    if p['kernel_headers'] != 'auto' and not os.path.isdir(os.path.join(p['kernel_headers'], 'include')):
+    if p['loader'] == 'bcc' and p['kernel_headers'] != 'auto' and not os.path.isdir(os.path.join(p['kernel_headers'], 'include')):
         out.append('kernel_headers: must be auto or a kernel header tree (a directory with include/), '
                    '%s/include does not exist' % p['kernel_headers'])
-    if p['sources'] is not None and inst.SOURCE not in p['sources']:
+    if p['loader'] == 'bcc' and p['sources'] is not None and inst.SOURCE not in p['sources']:
         out.append('sources: must hold %s (the program source), got %s' % (inst.SOURCE, ', '.join(sorted(p['sources']))))
     for name in sorted(p['sources'] or {}):
         if '/' in name or name.startswith('.'):

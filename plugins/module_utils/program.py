@@ -82,6 +82,8 @@ class ProgramSet(object):
     record: where the load is recorded (default: FileRecord under /run).
     """
 
+    changed_reason = 'source or options changed'
+
     def __init__(self, pin_dir, programs=None, maps=None, src=None, defines=None,
                  include_dirs=None, kernel_headers='auto', headers_cache=kheaders.DEFAULT_CACHE,
                  recreate_maps=False, record=None, pin_set=None):
@@ -166,7 +168,7 @@ class ProgramSet(object):
         if record is None:
             reasons.append('no record of a load into %s' % self.pin_dir)
         elif record.get('digest') != digest:
-            reasons.append('source or options changed')
+            reasons.append(self.changed_reason)
         for p in self.programs:
             got = now['programs'][p['name']]
             if got is None:
@@ -175,13 +177,13 @@ class ProgramSet(object):
                 reasons.append('%s is a %s program, expected %s' % (self.pin(p['name']), got['type'], p['type']))
             elif record and record.get('programs', {}).get(p['name']) != dict(id=got['id'], tag=got['tag']):
                 reasons.append('program at %s is not the one recorded' % self.pin(p['name']))
-            else:
-                for m, info in now['maps'].items():
-                    if info is not None and info['id'] not in got['map_ids']:
-                        reasons.append('program %s does not use the pinned map %s' % (p['name'], m))
+        # Not every program uses every map (a config map may be read by one only).
+        used = set(i for got in now['programs'].values() if got for i in got['map_ids'])
         for m, info in now['maps'].items():
             if info is None:
                 reasons.append('map pin %s is missing' % self.pin(m))
+            elif all(now['programs'].values()) and info['id'] not in used:
+                reasons.append('no program at the pins uses the pinned map %s' % m)
         return reasons
 
     # -- changing ----------------------------------------------------------
@@ -224,16 +226,7 @@ class ProgramSet(object):
                     set_aside.append(m)
                 compiled = self._compile(headers)
             fds = [(p['name'], compiled.load(p['name'], p['type'])) for p in self.programs]
-            staged = []
-            for name, fd in fds:
-                tmp = '%s__staging' % name
-                if at.lexists(tmp):
-                    at.unlink(tmp)
-                libbpf.obj_pin(fd, at.at(tmp))
-                made.append(tmp)
-                staged.append((tmp, name))
-            for tmp, final in staged:
-                at.rename(tmp, final)  # bpffs renames atomically over the old pin
+            pins.pin_staged(at, fds, made)
             for m in set_aside:
                 at.unlink(m + '__replaced')
             self.recreated = list(set_aside)
@@ -241,13 +234,7 @@ class ProgramSet(object):
         except BaseException:
             # includes maps a failed compile pinned before it gave up
             made += [m for m in self.maps if m not in maps_before or m in set_aside]
-            for name in made:
-                if at.lexists(name):
-                    at.unlink(name)
-            for m in set_aside:
-                at.rename(m + '__replaced', m)
-            if at.created:
-                at.rmdir_if_empty()
+            pins.undo(at, made, set_aside)
             raise
         finally:
             if compiled is not None:
@@ -265,7 +252,7 @@ class ProgramSet(object):
             differ = [k for k in SHAPE if declared[k] != pinned[k]]
             if differ:
                 out[m] = ('the pinned map %s is %s, the source declares %s'
-                          % (self.pin(m), _shape(pinned, differ), _shape(declared, differ)))
+                          % (self.pin(m), shape_text(pinned, differ), shape_text(declared, differ)))
         return out
 
     def reload(self, result):
@@ -323,7 +310,7 @@ class ProgramSet(object):
             ([self.record.path] if self.record.exists() else [])
 
 
-def _shape(info, keys):
+def shape_text(info, keys):
     """'a sockhash of 1024 entries', plus the other fields that differ ('with key size 40, flags 0')."""
     more = ['%s %s' % (k.replace('_', ' '), info[k]) for k in keys if k not in ('type', 'max_entries')]
     return 'a %s of %d entries%s' % (info['type'], info['max_entries'], ' with ' + ', '.join(more) if more else '')
@@ -373,6 +360,12 @@ def _execute(ps, params, check_mode, want_diff):
             after = None
     else:
         after = now
+    report(ps, result, now, after, reasons, want_diff)
+    return result
+
+
+def report(ps, result, now, after, reasons, want_diff):
+    """result's diff, programs and maps, from the state before and after (None in check mode)."""
     if want_diff:
         result['diff'] = dict(before=_summary(now), after=_summary(after) if after else
                               dict(reload=reasons))
@@ -382,7 +375,6 @@ def _execute(ps, params, check_mode, want_diff):
                           for n, i in final['programs'].items() if i}
     result['maps'] = {n: dict(id=i['id'], type=i['type'], max_entries=i['max_entries'], pin=ps.pin(n))
                       for n, i in final['maps'].items() if i}
-    return result
 
 
 def _summary(state):

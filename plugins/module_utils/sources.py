@@ -16,7 +16,7 @@ class SourceDir(object):
 
     def __init__(self, path, sources, recorded):
         self.path = path
-        self.sources = sources  # {name: text} or None (use what is on disk: the boot)
+        self.sources = sources  # {name: bytes} or None (use what is on disk: the boot)
         self.recorded = set(recorded or [])
 
     def _open(self, create=False):
@@ -34,7 +34,7 @@ class SourceDir(object):
                     continue
                 try:
                     with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), 'rb') as f:
-                        same = f.read() == self.sources[name].encode()
+                        same = f.read() == self.sources[name]
                 except FileNotFoundError:
                     continue
                 except OSError:
@@ -56,7 +56,7 @@ class SourceDir(object):
             for name, text in sorted((self.sources or {}).items()):
                 try:
                     with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), 'rb') as f:
-                        if f.read() == text.encode():
+                        if f.read() == text:
                             continue
                 except OSError:
                     pass
@@ -71,7 +71,7 @@ class SourceDir(object):
             for name in names:
                 tmp = '.%s.%d.tmp' % (name, os.getpid())
                 out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=fd)
-                with open(out, 'w') as f:
+                with open(out, 'wb') as f:
                     f.write(self.sources[name])
                 os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
         finally:

@@ -90,11 +90,25 @@ maps:
   returned: when pin_dir is given
   type: dict
 counters:
-  description: The counters of this collection's programs, summed over CPUs.
+  description:
+    - The counters of this collection's programs, summed over CPUs; one per path decision.
+    - C(redirected_msgs)/C(redirected_bytes) went to the peer's queue, C(passed_msgs)/C(passed_bytes)
+      went the TCP way from a socket in the map.
+    - C(inserted) sockets were admitted into the sockhash (C(insert_full), C(insert_failed) could not be).
+    - C(not_admitted_peer) sockets were not admitted because their peer is not a socket of this host
+      in the same network namespace under these programs (another host, a socket outside the cgroup);
+      C(not_admitted_early_data) because bytes crossed TCP before the connection was established
+      (TCP Fast Open).
+    - C(demoted_small_writes) directions switched to TCP after a streak of small writes,
+      C(demotion_refused) streaks stayed redirected because the socket had received redirected bytes;
+      C(tcp_peer_absent) directions switched to TCP because their peer was not (or no longer) in the map;
+      C(removed) sockets that send over TCP left the sockhash.
   returned: when O(pin_dir) holds C(sockredir_stats)
   type: dict
   sample: {"redirected_msgs": 1024, "redirected_bytes": 67108864, "passed_msgs": 3,
-           "passed_bytes": 120, "inserted": 2, "insert_full": 0, "insert_failed": 0}
+           "passed_bytes": 120, "inserted": 2, "insert_full": 0, "insert_failed": 0,
+           "not_admitted_peer": 5, "not_admitted_early_data": 0, "demoted_small_writes": 1,
+           "tcp_peer_absent": 1, "removed": 1, "demotion_refused": 0}
 attached:
   description: C(sock_ops) programs attached directly to O(cgroup).
   returned: when cgroup is given

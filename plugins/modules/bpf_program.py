@@ -8,11 +8,18 @@ __metaclass__ = type
 DOCUMENTATION = r'''
 ---
 module: bpf_program
-short_description: Compile a BPF C source with BCC, load its programs and pin them in bpffs
+short_description: Load BPF programs (a C source compiled with BCC, or a prebuilt object) and pin them in bpffs
 version_added: 0.1.0
 description:
   - Compiles a restricted-C source with BCC (the iovisor bindings, Debian package C(python3-bpfcc)),
     loads the named programs into the kernel and pins each at O(pin_dir)/<name>.
+  - Or, with O(object), loads a prebuilt BPF ELF object (C(clang -target bpf), libbpf-style BTF map
+    definitions and C(SEC) names, for example built by C(scripts/build-bpf.sh)) through libbpf; no
+    compiler, kernel headers or bcc are needed on the managed host, only C(libbpf1). Every map the
+    object defines is pinned at O(pin_dir)/<map name>; a pinned map of the same shape (type, key and
+    value size, max_entries, flags) is reused, so sockets already in a sockhash stay there. The same
+    idempotence, drift repair, check mode and diff apply; the digest covers the object's bytes, the
+    program and map lists and the libbpf version.
   - Maps are pinned by the source itself with C(BPF_TABLE_PINNED(..., BPF_PIN_DIR "/<name>")); the
     module defines C(BPF_PIN_DIR) as O(pin_dir). A re-load reuses pinned maps, so sockets already in
     a sockhash stay there across upgrades of the programs.
@@ -35,10 +42,11 @@ author:
   - ebpf.sockredir developers (@ebpf-sockredir)
 requirements:
   - Linux with BPF, cgroup-bpf and sockmap (C(CONFIG_BPF_SYSCALL), C(CONFIG_CGROUP_BPF), C(CONFIG_NET_SOCK_MSG)).
-  - bcc Python bindings (Debian/Ubuntu C(python3-bpfcc); the PyPI package named C(bcc) is unrelated).
-    If the interpreter running the module lacks them, the module re-runs itself under C(/usr/bin/python3).
-  - libbpf (C(libbpf1), a dependency of C(python3-bpfcc)).
-  - Kernel headers for BCC, see O(kernel_headers).
+  - With O(src) only, bcc Python bindings (Debian/Ubuntu C(python3-bpfcc); the PyPI package named C(bcc)
+    is unrelated). If the interpreter running the module lacks them, the module re-runs itself under
+    C(/usr/bin/python3).
+  - libbpf (C(libbpf1), a dependency of C(python3-bpfcc)); with O(object), the only requirement.
+  - With O(src) only, kernel headers for BCC, see O(kernel_headers).
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 attributes:
@@ -60,12 +68,24 @@ options:
     type: path
     required: true
   src:
-    description: Path of the BPF C source on the managed host. Required with O(state=present).
+    description:
+      - Path of the BPF C source on the managed host, compiled with BCC.
+      - With O(state=present) one of O(src) and O(object) is required; they are mutually exclusive.
     type: path
+  object:
+    description:
+      - Path of a prebuilt BPF ELF object on the managed host (C(*.bpf.o)), loaded through libbpf.
+      - Its programs' types come from their C(SEC) names (C(sockops), C(sk_msg)).
+      - O(defines), O(include_dirs) and O(kernel_headers) do not apply (the object is already compiled)
+        and must not be set; O(headers_cache) is ignored.
+    type: path
+    version_added: 0.2.0
   programs:
     description:
-      - Functions of O(src) to load, each pinned at O(pin_dir)/<name>.
-      - Required with O(state=present). With O(state=absent) defaults to the recorded ones.
+      - Functions of O(src) (or programs of O(object)) to load, each pinned at O(pin_dir)/<name>.
+      - Required with O(src) and O(state=present). With O(object) defaults to every program of the
+        object; a list must name every program of the object, each with the type its C(SEC) name
+        gives. With O(state=absent) defaults to the recorded ones.
     type: list
     elements: dict
     suboptions:
@@ -82,6 +102,8 @@ options:
     description:
       - Names of the maps the source pins in O(pin_dir). Checked after compiling (each must be there)
         and unpinned with O(state=absent).
+      - With O(object), every map the object defines is pinned anyway; names listed here must be among
+        them.
     type: list
     elements: str
     default: []
@@ -117,7 +139,8 @@ options:
   recreate_maps:
     description:
       - What to do when a map pinned by an earlier load no longer matches the source's declaration
-        (another type or size, for example a changed C(SOCKREDIR_MAP_SIZE)). A pinned map cannot be
+        (another type or size, for example a changed C(SOCKREDIR_MAP_SIZE)) or the object's
+        definition (type, key size, value size, max_entries or flags). A pinned map cannot be
         changed in place.
       - V(false) fails with a message naming the map and both shapes, and changes nothing.
       - V(true) replaces the map by a new one. The programs attached so far keep the old map until
@@ -145,6 +168,12 @@ EXAMPLES = r'''
       SOCKREDIR_MAP_SIZE: 65535
   register: loaded
 
+- name: Load a prebuilt object instead (no compiler, headers or bcc on the host)
+  ebpf.sockredir.bpf_program:
+    object: /usr/local/share/ebpf-sockredir/bpf/sockredir.bpf.o
+    pin_dir: /sys/fs/bpf/sockredir
+  register: loaded
+
 - name: Unpin everything (detach first with bpf_attach state=absent)
   ebpf.sockredir.bpf_program:
     pin_dir: /sys/fs/bpf/sockredir
@@ -168,8 +197,12 @@ maps:
   type: dict
   sample: {"sockredir_hash": {"id": 12, "type": "sockhash", "max_entries": 65535,
            "pin": "/sys/fs/bpf/sockredir/sockredir_hash"}}
+object:
+  description: The object loaded (with O(object)).
+  returned: state=present and O(object) given
+  type: str
 digest:
-  description: sha256 over everything that shapes the bytecode.
+  description: sha256 over everything that shapes the bytecode (with O(object), its bytes and the libbpf version).
   returned: state=present
   type: str
 reasons:
@@ -180,7 +213,7 @@ reasons:
   sample: ["source or options changed"]
 kernel_headers:
   description: Which kernel headers BCC used (or would use, in check mode).
-  returned: state=present
+  returned: state=present and O(src) given
   type: dict
   sample: {"kind": "generic", "path": "/var/cache/ebpf-sockredir/kernel-headers/linux-headers-6.1.0-56-amd64",
            "env": {"BCC_KERNEL_SOURCE": "/var/cache/ebpf-sockredir/kernel-headers/linux-headers-6.1.0-56-amd64"},
@@ -209,6 +242,7 @@ def main():
             state=dict(type='str', default='present', choices=['present', 'absent']),
             pin_dir=dict(type='path', required=True),
             src=dict(type='path'),
+            object=dict(type='path'),
             programs=dict(type='list', elements='dict', options=dict(
                 name=dict(type='str', required=True),
                 type=dict(type='str', required=True, choices=['sock_ops', 'sk_msg']))),
@@ -219,14 +253,22 @@ def main():
             headers_cache=dict(type='path', default='/var/cache/ebpf-sockredir/kernel-headers'),
             recreate_maps=dict(type='bool', default=False),
         ),
-        required_if=[('state', 'present', ('src', 'programs'))],
+        required_if=[('state', 'present', ('src', 'object'), True)],
+        mutually_exclusive=[('src', 'object'), ('object', 'include_dirs')],
         supports_check_mode=True,
     )
-    if module.params['state'] == 'present':
+    params = module.params
+    if params['state'] == 'present' and params['src'] and not params['programs']:
+        module.fail_json(msg='programs is required with src and state=present', param='programs')
+    if params['object'] and (params['defines'] or params['kernel_headers'] != 'auto'):
+        module.fail_json(msg='defines and kernel_headers shape a BCC compile (src); object is already '
+                         'compiled: build it with other defines instead', param='object')
+    if params['state'] == 'present' and params['src']:
         bcc_import.require_bcc(module)
-    from ansible_collections.ebpf.sockredir.plugins.module_utils import program
+    from ansible_collections.ebpf.sockredir.plugins.module_utils import objloader, program
+    engine = objloader if params['object'] else program
     try:
-        result = program.execute(module.params, module.check_mode, module._diff)
+        result = engine.execute(params, module.check_mode, module._diff)
     except BpfError as e:
         module.fail_json(**e.to_fail_json())
     except OSError as e:

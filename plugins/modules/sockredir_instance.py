@@ -12,8 +12,11 @@ short_description: Turn socket redirection on or off for one instance (pin root 
 version_added: 0.2.0
 description:
   - The whole converge of one instance of this collection's programs, the same engine call the
-    M(ebpf.sockredir.sockredir) role and the boot unit make. It writes the BPF sources into O(src_dir),
-    compiles, loads and pins them below O(pin_root) when the source, an option or a pin changed,
+    M(ebpf.sockredir.sockredir) role and the boot unit make. It writes the prebuilt BPF object
+    (O(loader=object), the default) or the BPF sources (O(loader=bcc)) into O(src_dir), loads (or
+    compiles and loads) and pins the programs below O(pin_root) when the object, the source, an option or
+    a pin changed, writes the run-time settings (port policy, debug switch, small-write thresholds) into
+    the pinned maps C(sockredir_ports) and C(sockredir_cfg),
     attaches the C(sk_msg) program to the sockhash, then the C(sock_ops) program to O(cgroup), then
     detaches it from the cgroup of an earlier run. The C(sk_msg) program goes first, so every socket the
     C(sock_ops) program inserts is redirected.
@@ -34,8 +37,8 @@ author:
   - ebpf.sockredir developers (@ebpf-sockredir)
 requirements:
   - Linux 5.15 or later with BPF, cgroup-bpf, sockmap and BTF.
-  - bcc Python bindings (Debian/Ubuntu C(python3-bpfcc)) to compile; the module re-runs itself under
-    C(/usr/bin/python3) when that one has them.
+  - With O(loader=bcc) only, bcc Python bindings (Debian/Ubuntu C(python3-bpfcc)) and kernel headers to
+    compile; the module re-runs itself under C(/usr/bin/python3) when that one has them.
   - libbpf 1.x (C(libbpf.so.1)).
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
@@ -83,25 +86,61 @@ options:
         write is refused.
     type: path
     default: /usr/local/share/ebpf-sockredir/bpf
+  loader:
+    description:
+      - V(object) loads the prebuilt C(sockredir.bpf.o) (given in O(object_b64)) through libbpf; the host needs
+        no compiler, kernel headers or bcc. V(bcc) compiles C(sockredir.bpf.c) from O(sources) with bcc.
+      - Changing it reloads the programs; the maps (and their sockets) are kept when their shape is the same.
+    type: str
+    choices: [object, bcc]
+    default: object
   sources:
     description:
-      - The BPF sources, file name to content (the role passes the collection's C(files/bpf/)). Must hold
-        C(sockredir.bpf.c). Omitted, the files already in O(src_dir) are used.
+      - With O(loader=bcc), the BPF sources, file name to content (the role passes the collection's
+        C(files/bpf/*.c) and C(*.h)). Must hold C(sockredir.bpf.c). Omitted, the files already in O(src_dir)
+        are used.
     type: dict
+  object_b64:
+    description:
+      - With O(loader=object), the prebuilt BPF object as base64 (the role reads the collection's
+        C(files/bpf/sockredir.bpf.o) with the C(ebpf.sockredir.b64file) lookup); written to
+        O(src_dir)/C(sockredir.bpf.o), root-owned, mode 0644, and loaded from exactly these bytes. Omitted,
+        the object already in O(src_dir) is used.
+    type: str
   map_size:
     description: Max sockets in the sockhash (two per connection).
     type: int
     default: 65535
   allow_ports:
-    description: Redirect only connections with one of these local or remote ports; V([]) is all. At most 64.
+    description:
+      - Redirect only connections with one of these local or remote ports; V([]) is all. Written into the
+        pinned C(sockredir_ports) map at run time (a change reloads nothing and keeps established
+        connections). At most 1024 ports with O(deny_ports).
     type: list
     elements: int
     default: []
   deny_ports:
-    description: Never redirect connections touching these ports; wins over O(allow_ports). At most 64.
+    description:
+      - Never redirect connections touching these ports; a port may not be in both lists. Written into
+        C(sockredir_ports) like O(allow_ports).
     type: list
     elements: int
     default: []
+  debug:
+    description:
+      - One C(trace_pipe) line per admission and per path decision (C(sockredir <instance> <port>><port>
+        ...)); read them with C(cat /sys/kernel/tracing/trace_pipe). A flag in C(sockredir_cfg): turning it
+        on or off reloads nothing.
+    type: bool
+    default: false
+  small_write_bytes:
+    description: A send smaller than this counts towards a small-write streak; V(0) is the program's default (32768).
+    type: int
+    default: 0
+  small_write_streak:
+    description: That many small sends in a row, nothing received, and the connection goes back to TCP; V(0) is the program's default (16).
+    type: int
+    default: 0
   kernel_headers:
     description: V(auto) or a kernel header directory, as for M(ebpf.sockredir.bpf_program).
     type: str
@@ -153,10 +192,19 @@ EXAMPLES = r'''
   ebpf.sockredir.sockredir_instance:
     pin_root: /sys/fs/bpf/myapp
     cgroup: system.slice/myapp.service
+    object_b64: "{{ lookup('ebpf.sockredir.b64file', 'bpf/sockredir.bpf.o') }}"
+    deny_ports: [22]
+  register: myapp
+
+- name: Same, compiled on the host by bcc
+  ebpf.sockredir.sockredir_instance:
+    pin_root: /sys/fs/bpf/myapp
+    cgroup: system.slice/myapp.service
+    loader: bcc
     sources:
       sockredir.bpf.c: "{{ lookup('ansible.builtin.file', 'bpf/sockredir.bpf.c') }}"
       sockredir.h: "{{ lookup('ansible.builtin.file', 'bpf/sockredir.h') }}"
-  register: myapp
+      sockredir_bcc.h: "{{ lookup('ansible.builtin.file', 'bpf/sockredir_bcc.h') }}"
 
 - name: Turn it off again
   ebpf.sockredir.sockredir_instance:
@@ -165,6 +213,10 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+loader:
+  description: Which path the host takes, e.g. C(loader: object (the prebuilt sockredir.bpf.o through libbpf; no compiler, headers or bcc needed)).
+  returned: always
+  type: str
 actions:
   description: What was done (or, in check mode, would be done), in order.
   returned: always
@@ -174,7 +226,7 @@ actions:
 needs:
   description:
     - What the host lacks before anything can be done; nothing was changed when it is not empty.
-    - C(packages) lists C(bcc), C(bpftool), C(kernel-headers); C(mounts) lists dicts with C(path), C(src),
+    - C(packages) lists C(libbpf) (object loader), C(bcc) and C(kernel-headers) (bcc loader), C(bpftool); C(mounts) lists dicts with C(path), C(src),
       C(fstype), C(opts) and C(state) as M(ansible.posix.mount) takes them.
   returned: always
   type: dict
@@ -231,10 +283,15 @@ def main():
         bpffs_persist=dict(type='bool', default=False),
         cgroup2_mount=dict(type='path', default=''),
         src_dir=dict(type='path', default='/usr/local/share/ebpf-sockredir/bpf'),
+        loader=dict(type='str', default='object', choices=['object', 'bcc']),
         sources=dict(type='dict'),
+        object_b64=dict(type='str'),
         map_size=dict(type='int', default=65535),
         allow_ports=dict(type='list', elements='int', default=[]),
         deny_ports=dict(type='list', elements='int', default=[]),
+        debug=dict(type='bool', default=False),
+        small_write_bytes=dict(type='int', default=0),
+        small_write_streak=dict(type='int', default=0),
         kernel_headers=dict(type='str', default='auto'),
         headers_cache=dict(type='path', default='/var/cache/ebpf-sockredir/kernel-headers'),
         recreate_maps=dict(type='bool', default=False),
@@ -244,7 +301,8 @@ def main():
         lock_timeout=dict(type='int', default=600),
     )
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
-    bcc_import.prefer_bcc()
+    if module.params['loader'] == 'bcc':
+        bcc_import.prefer_bcc()
     try:
         result = instance.converge(module.params, module.check_mode)
     except BpfError as e:

@@ -236,10 +236,11 @@ class Redirection(object):
     when the test failed.
     """
 
-    def __init__(self, workdir, defines=None, src=conftest.SRC):
+    def __init__(self, workdir, defines=None, src=conftest.SRC, obj=None):
         self.workdir = workdir
         self.defines = defines
         self.src = src
+        self.obj = obj
         self.pin_dir = os.path.join(conftest.BPFFS, hostenv.unique_name(PREFIX))
         self._stack = contextlib.ExitStack()
         self.runs = 0
@@ -255,7 +256,7 @@ class Redirection(object):
             self._stack.callback(conftest.remove_pin_dir, self.pin_dir)
             self._stack.callback(lambda: self.play(conftest.teardown_tasks(self.pin_dir, self.cgroup)))
             result = self.play(conftest.converge_tasks(self.pin_dir, self.cgroup, src=self.src,
-                                                       defines=self.defines))
+                                                       defines=self.defines, obj=self.obj))
             assert result.rc == 0, result
         except BaseException:
             self._stack.close()

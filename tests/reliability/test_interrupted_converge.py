@@ -18,13 +18,14 @@ import subprocess
 import pytest
 
 from support import hostenv
+from support.plays import MAPS
 
 from ansible_collections.ebpf.sockredir.plugins.module_utils import facts
 
 from . import kit
 
 SEED = int(os.environ.get('SRREL_SEED') or random.SystemRandom().randrange(1 << 30))
-PINS = {'sockredir_hash', 'sockredir_msg', 'sockredir_ops', 'sockredir_stats'}
+PINS = set(MAPS) | {'sockredir_msg', 'sockredir_ops'}
 
 # The role makes one engine call; a kill lands at a random moment inside it
 # (before, during and after the compile), each killed run continuing from the

@@ -2,6 +2,7 @@
 module and the boot command run it: to run two at once, to stop one between two steps
 (instance.PAUSE_ENV), and to kill -9 it there."""
 
+import base64
 import json
 import os
 import signal
@@ -31,7 +32,15 @@ print(json.dumps(result, default=str))
 
 
 def sources():
-    return {name: open(os.path.join(BPF_SOURCES, name)).read() for name in sorted(os.listdir(BPF_SOURCES))}
+    """The BPF C sources (the bcc loader's), as the role passes them."""
+    return {name: open(os.path.join(BPF_SOURCES, name)).read() for name in sorted(os.listdir(BPF_SOURCES))
+            if name.endswith(('.c', '.h'))}
+
+
+def object_b64():
+    """The prebuilt object (the object loader's), as the role passes it."""
+    with open(os.path.join(BPF_SOURCES, 'sockredir.bpf.o'), 'rb') as f:
+        return base64.b64encode(f.read()).decode()
 
 
 class Run(object):

@@ -164,6 +164,27 @@ def netns(prefix):
         _ip("netns", "delete", name)
 
 
+@contextlib.contextmanager
+def veth_link(ns_a, ns_b, subnet="10.231.%d.%d/24"):
+    """A veth pair between two namespaces, as another host on a LAN would be.
+
+    Yields (address in ns_a, address in ns_b); the pair goes with either
+    namespace, and is deleted on exit in case neither went.
+    """
+    name = unique_name("srv")[:15]
+    third = int(name.rsplit("-", 1)[1][:2], 16)
+    addr_a, addr_b = subnet % (third, 1), subnet % (third, 2)
+    _ip("link", "add", name, "netns", ns_a, "type", "veth", "peer", "name", name, "netns", ns_b)
+    try:
+        for ns, addr in ((ns_a, addr_a), (ns_b, addr_b)):
+            _ip("-n", ns, "addr", "add", addr, "dev", name)
+            _ip("-n", ns, "link", "set", "dev", name, "up")
+        yield addr_a.split("/")[0], addr_b.split("/")[0]
+    finally:
+        subprocess.run(("ip", "-n", ns_a, "link", "delete", name),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
 def lo_packets(netns_name):
     """Packets received on lo in the namespace (loopback traffic, both directions)."""
     links = json.loads(_ip("-n", netns_name, "-j", "-s", "link", "show", "dev", "lo",

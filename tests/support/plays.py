@@ -5,20 +5,24 @@ import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = os.path.join(REPO, 'files', 'bpf', 'sockredir.bpf.c')
+OBJECT = os.path.join(REPO, 'files', 'bpf', 'sockredir.bpf.o')   # SRC built by scripts/build-bpf.sh
 PROGRAMS = [dict(name='sockredir_ops', type='sock_ops'), dict(name='sockredir_msg', type='sk_msg')]
-MAPS = ['sockredir_hash', 'sockredir_stats']
+MAPS = ['sockredir_hash', 'sockredir_stats', 'sockredir_flows', 'sockredir_gates',
+        'sockredir_reqs', 'sockredir_cfg', 'sockredir_ports']
 
 
-def converge_tasks(pin_dir, cgroup, src=SRC, defines=None):
+def converge_tasks(pin_dir, cgroup, src=SRC, defines=None, obj=None):
     """The building blocks (generic modules) put together: load+pin, attach sk_msg, attach sock_ops.
 
+    The programs come from src compiled by BCC, or from the prebuilt object obj.
     sk_msg first: a socket takes the sockhash's verdict program when it is
     inserted. The role does not use these: it makes one engine call
     (sockredir_instance), see instance_task().
     """
+    load = (dict(object=obj, pin_dir=pin_dir, programs=PROGRAMS, maps=MAPS) if obj else
+            dict(src=src, pin_dir=pin_dir, programs=PROGRAMS, maps=MAPS, defines=defines or {}))
     return [
-        dict(name='load', **{'ebpf.sockredir.bpf_program': dict(
-            src=src, pin_dir=pin_dir, programs=PROGRAMS, maps=MAPS, defines=defines or {})}),
+        dict(name='load', **{'ebpf.sockredir.bpf_program': load}),
         dict(name='attach msg', **{'ebpf.sockredir.bpf_attach': dict(
             program=pin_dir + '/sockredir_msg', map=pin_dir + '/sockredir_hash')}),
         dict(name='attach ops', **{'ebpf.sockredir.bpf_attach': dict(

@@ -84,9 +84,18 @@ def test_no_headers_names_the_packages_to_install(tmp_path):
     assert 'linux-headers-6.2.0-x' in e.value.msg and 'linux-headers-amd64' in e.value.msg
 
 
+class FakePins(object):
+    def __init__(self, path):
+        self.path = path
+
+    def show(self, name=''):
+        return os.path.join(self.path, name)
+
+
 class FakeSet(program.ProgramSet):
     def __init__(self):  # no bpffs needed for the decision logic
         self.pin_dir = '/sys/fs/bpf/x'
+        self.pins = FakePins(self.pin_dir)
         self.programs = [dict(name='p', type='sock_ops')]
         self.maps = ['m']
 
@@ -105,7 +114,7 @@ MAP = dict(id=9)
     (dict(programs={'p': PROG}, maps={'m': MAP}), dict(digest='d', programs={'p': dict(id=6, tag='aa')}),
      'd', ['not the one recorded']),
     (dict(programs={'p': PROG}, maps={'m': dict(id=10)}), dict(digest='d', programs={'p': dict(id=5, tag='aa')}),
-     'd', ['does not use the pinned map']),
+     'd', ['no program at the pins uses the pinned map m']),
     (dict(programs={'p': PROG}, maps={'m': None}), dict(digest='d', programs={'p': dict(id=5, tag='aa')}),
      'd', ['map pin /sys/fs/bpf/x/m is missing']),
 ])
@@ -114,6 +123,17 @@ def test_reload_decision(now, record, digest, expected):
     assert len(reasons) == len(expected)
     for reason, words in zip(reasons, expected):
         assert words in reason
+
+
+def test_a_map_needs_one_program_using_it_not_every_program():
+    two = FakeSet()
+    two.programs = [dict(name='p', type='sock_ops'), dict(name='q', type='sk_msg')]
+    now = dict(programs={'p': dict(PROG, map_ids=[9]), 'q': dict(PROG, id=6, type='sk_msg', map_ids=[10])},
+               maps={'m': MAP, 'n': dict(id=10)})
+    record = dict(digest='d', programs={'p': dict(id=5, tag='aa'), 'q': dict(id=6, tag='aa')})
+    assert two.reload_reasons(now, record, 'd') == []
+    now['maps']['o'] = dict(id=11)
+    assert two.reload_reasons(now, record, 'd') == ['no program at the pins uses the pinned map o']
 
 
 class FakeAttachment(attach.Attachment):
