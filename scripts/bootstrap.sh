@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 
 # redis-server, nginx-light, wrk, curl: benchmarks/apps.py. Where the packages start their
 # system services, those are left alone: the benchmark runs its own servers in a netns of its own.
-# libbpf-dev, llvm: scripts/build-bpf.sh; openssh-*: the fleet harness (benchmarks/fleet.py).
+# libbpf-dev, llvm: scripts/build-bpf.sh; openssh-*: the fleet harness (benchmarks/fleet.py);
+# shellcheck: ansible-test sanity (tests/test_quality.py) runs it on the scripts.
 packages=(python3-bpfcc bpftool clang linux-headers-amd64 socat iperf3 sockperf nftables
           iproute2 python3-venv python3-pip util-linux procps python3-matplotlib
-          redis-server nginx-light wrk curl libbpf-dev llvm openssh-server openssh-client)
+          redis-server nginx-light wrk curl libbpf-dev llvm openssh-server openssh-client shellcheck)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,7 +9,7 @@ from conftest import BPFFS, MAPS, PROGRAMS, SRC, bpftool_json, copy_sources, loa
 
 
 def host_state(cgroup):
-    pins = sorted(os.path.join(d, f) for d, _, files in os.walk(BPFFS) for f in files)
+    pins = sorted(os.path.join(d, f) for d, _dirs, files in os.walk(BPFFS) for f in files)
     records = sorted(os.listdir('/run/ebpf-sockredir')) if os.path.isdir('/run/ebpf-sockredir') else []
     return dict(pins=pins, records=records, progs=loaded_sockmap_prog_ids(),
                 attached=bpftool_json('cgroup', 'show', cgroup))

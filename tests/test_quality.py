@@ -1,20 +1,24 @@
-"""Quality gates: ansible-lint (production profile), ansible-test sanity and units, the module
-docs built by antsibull-docs, and the oldest and newest ansible-core this collection supports.
+"""Quality gates: ansible-lint (production profile), ansible-test sanity over the whole tree and
+units, the module docs built by antsibull-docs, and the oldest and newest ansible-core this
+collection supports (meta/runtime.yml), each on its own controller Python.
 
-ansible-test sanity builds one virtualenv per test and bootstraps pip in it with
-get-pip.py from ci-files.testing.ansible.com, which this network cannot reach. The stand-in
-below does what get-pip.py does, from the pip wheel of the version ansible-test asks for
-(downloaded from PyPI once): it runs pip from that wheel to install the wheel. Everything
-else those virtualenvs get comes from PyPI, pinned by ansible-test's own requirement files.
-ansible-test keeps them under $HOME/.ansible/test; HOME points into tests/output/ for it, so
-they are made once and reused (tests/output/ is git- and build-ignored).
+ansible-test sanity runs on the whole collection, as a user or Galaxy-side CI runs it on the
+tarball (which ships benchmarks/, molecule/, scripts/ and tests/), with both ends of the
+supported range: the oldest on Python 3.11, the newest on Python 3.13. tests/sanity/ignore-*.txt
+holds only entries with a reason.
 
-ansible-test runs on the collection's content and unit tests (plugins/, roles/, meta/,
-changelogs/, docs/, files/, tests/unit/), in a copy of the tree under
-.../ansible_collections/ebpf/sockredir. The rest of tests/, benchmarks/, scripts/ and molecule/
-are this repository's harness: pytest, molecule and ansible-lint check those.
+Offline: ansible-test builds one virtualenv per sanity test and bootstraps pip in it with
+get-pip.py from ci-files.testing.ansible.com, which this network cannot reach, then installs
+the test's pinned requirements from an index. Here, before ansible-test runs, pip (our own,
+once per ansible-core and Python) downloads the pip wheel and every pinned requirement of
+ansible-test's sanity tests into a wheelhouse; a stand-in get-pip.py installs pip from its
+wheel, and a pip.conf in ansible-test's $HOME (tests/output/.ansible-test-home, git- and
+build-ignored) says no-index, find-links=the wheelhouse. So ansible-test's virtualenvs never
+reach an index; they are made once and reused.
 """
 
+import glob
+import hashlib
 import json
 import os
 import re
@@ -32,11 +36,23 @@ from test_boot import run_role
 OUTPUT = os.path.join(REPO, 'tests', 'output')
 TEST_HOME = os.path.join(OUTPUT, '.ansible-test-home')
 COMPAT = os.path.join(OUTPUT, 'compat')
-SANITY_TARGETS = ['plugins/', 'roles/', 'meta/', 'changelogs/', 'docs/', 'files/', 'tests/unit/']
 MODULES = ['bpf_program', 'bpf_attach', 'bpf_info', 'sockredir_instance']
-# the oldest ansible-core meta/runtime.yml admits, and the newest that runs on Python 3.11
-# (2.20 wants 3.12 on the controller); the newest is the one in .venv
-OLDEST_CORE = '2.15'
+
+
+def pyenv_python(version):
+    found = sorted(glob.glob('/root/.pyenv/versions/%s.*/bin/python' % version))
+    return found[-1] if found else None
+
+
+# The two ends of meta/runtime.yml's range, each with the controller Python it runs on:
+# 2.16, the oldest kept (the ansible-core Ubuntu 24.04 LTS packages), on Debian 12's Python 3.11;
+# 2.21, the newest release, which needs Python 3.12+ on the controller, on pyenv's Python 3.13.
+# The .venv in between (2.19, Python 3.11) runs everything else.
+CORES = {
+    'oldest': ('2.16', '/usr/bin/python3'),
+    'newest': ('2.21', pyenv_python('3.13')),
+}
+OLDEST_CORE = CORES['oldest'][0]
 
 GET_PIP_STAND_IN = '''\
 """Stand-in for get-pip.py: pip, run from its own wheel, installs that wheel."""
@@ -81,25 +97,78 @@ def test_ansible_lint_production_profile_passes_on_the_repository():
 
 # -- ansible-test --------------------------------------------------------------------------------
 
-def ansible_test_pip_version():
-    import ansible_test
-    path = os.path.join(os.path.dirname(ansible_test.__file__), '_internal', 'python_requirements.py')
-    with open(path) as f:
-        return re.search(r"pip='([0-9.]+)'", f.read()).group(1)
+def compat_bin(end):
+    """Controller bin directory with the ansible-core of `end` ('oldest' or 'newest') in a venv of
+    its own, made from that end's Python; None: the .venv (ansible-core 2.19)."""
+    if end is None:
+        return VENV_BIN
+    version, python = CORES[end]
+    if python is None:
+        pytest.fail('ansible-core %s needs a Python 3.13 controller: none in /root/.pyenv/versions' % version)
+    venv = os.path.join(COMPAT, 'ansible-core-%s' % version)
+    marker = os.path.join(venv, '.installed')
+    if not os.path.exists(marker):
+        shutil.rmtree(venv, ignore_errors=True)
+        rc, out = run([python, '-m', 'venv', venv])
+        assert rc == 0, out
+        major, minor = version.split('.')
+        rc, out = run([os.path.join(venv, 'bin', 'pip'), 'install', '-q', '--disable-pip-version-check',
+                       'ansible-core>=%s,<%s.%d' % (version, major, int(minor) + 1)], timeout=600)
+        assert rc == 0, out
+        open(marker, 'w').close()
+    return os.path.join(venv, 'bin')
 
 
-def prepare_test_home():
-    """$HOME for ansible-test: its cache with the get-pip stand-in and the pip wheel it installs."""
-    version = ansible_test_pip_version()
+def ansible_test_dir(bindir):
+    rc, out = run([os.path.join(bindir, 'python'), '-c', 'import ansible_test, os; print(os.path.dirname(ansible_test.__file__))'])
+    assert rc == 0, out
+    return out.strip()
+
+
+def prepare_test_home(bindir, wheels=True):
+    """$HOME for ansible-test of bindir: the get-pip stand-in and the pip wheel it installs, a
+    wheelhouse with every pinned requirement of ansible-test's sanity tests, and a pip.conf that
+    makes the sanity virtualenvs install from it only."""
+    package = ansible_test_dir(bindir)
+    with open(os.path.join(package, '_internal', 'python_requirements.py')) as f:
+        text = f.read()
+    version = re.search(r"pip='([0-9.]+)'", text).group(1)
+    # older ansible-test (2.16) also bootstraps these next to pip
+    bootstrap = ['%s==%s' % (name, found.group(1)) for name, found in
+                 ((n, re.search(r"%s='([0-9.]+)'" % n, text)) for n in ('setuptools', 'wheel')) if found]
     cache = os.path.join(TEST_HOME, '.ansible', 'test', 'cache')
+    wheelhouse = os.path.join(TEST_HOME, 'wheelhouse')
     os.makedirs(cache, exist_ok=True)
+    os.makedirs(wheelhouse, exist_ok=True)
     wheel = 'pip-%s-py3-none-any.whl' % version
     if not os.path.exists(os.path.join(cache, wheel)):
         rc, out = run([os.path.join(VENV_BIN, 'pip'), 'download', '--no-deps', '--disable-pip-version-check',
                        '-d', cache, 'pip==%s' % version])
-        assert rc == 0, 'cannot download pip %s from PyPI for ansible-test: %s' % (version, out)
+        assert rc == 0, 'cannot download pip %s for ansible-test: %s' % (version, out)
     with open(os.path.join(cache, 'get_pip_%s.py' % version.replace('.', '_')), 'w') as f:
         f.write(GET_PIP_STAND_IN % wheel)
+    # downloaded by bindir's own Python, so the wheels fit the interpreter the virtualenvs use
+    requirements = sorted(glob.glob(os.path.join(package, '_data', 'requirements', 'sanity.*.txt')))
+    assert requirements, package
+    digest = hashlib.sha256()
+    for req in requirements:
+        with open(req, 'rb') as f:
+            digest.update(f.read())
+    marker = os.path.join(wheelhouse, '.done-%s-%s' % (core_version(bindir)[1], digest.hexdigest()[:16]))
+    if wheels and not os.path.exists(marker):
+        if bootstrap:
+            rc, out = run([os.path.join(bindir, 'python'), '-m', 'pip', 'download', '-q', '--no-deps',
+                           '--disable-pip-version-check', '-d', wheelhouse] + bootstrap, timeout=600)
+            assert rc == 0, 'cannot download %s for ansible-test: %s' % (bootstrap, out)
+        for req in requirements:
+            rc, out = run([os.path.join(bindir, 'python'), '-m', 'pip', 'download', '-q',
+                           '--disable-pip-version-check', '-d', wheelhouse, '-r', req], timeout=600)
+            assert rc == 0, 'cannot download the requirements of %s: %s' % (req, out)
+        open(marker, 'w').close()
+    pip_conf = os.path.join(TEST_HOME, '.config', 'pip', 'pip.conf')
+    os.makedirs(os.path.dirname(pip_conf), exist_ok=True)
+    with open(pip_conf, 'w') as f:
+        f.write('[global]\nno-index = true\nfind-links = %s\n' % wheelhouse)
     return TEST_HOME
 
 
@@ -112,17 +181,24 @@ def collection_copy(tmp_path_factory):
     return str(root)
 
 
-def ansible_test(collection, *args):
-    env = controller_env(HOME=prepare_test_home())
+def ansible_test(collection, bindir, *args):
+    env = controller_env(HOME=prepare_test_home(bindir, wheels=args[0] == 'sanity'),
+                         PATH=bindir + os.pathsep + os.environ.get('PATH', ''))
     env.pop('ANSIBLE_COLLECTIONS_PATH')  # ansible-test finds the collection from the working directory
-    return run([tool('ansible-test')] + list(args) + ['--python', '%d.%d' % sys.version_info[:2], '--color', 'no'],
-               cwd=collection, env=env, timeout=900)
+    rc, out = run([os.path.join(bindir, 'python'), '-c', 'import sys; print("%d.%d" % sys.version_info[:2])'])
+    return run([os.path.join(bindir, 'ansible-test')] + list(args) + ['--python', out.strip(), '--color', 'no'],
+               cwd=collection, env=env, timeout=1200)
 
 
-def test_ansible_test_sanity_passes(collection_copy):
-    rc, out = ansible_test(collection_copy, 'sanity', *SANITY_TARGETS)
+@pytest.mark.parametrize('end', sorted(CORES))
+def test_ansible_test_sanity_passes_on_the_whole_tree(collection_copy, end):
+    rc, out = ansible_test(collection_copy, compat_bin(end), 'sanity')
     assert rc == 0, out
-    assert 'Running sanity test "validate-modules"' in out and 'Running sanity test "pylint"' in out, out
+    for test in ('validate-modules', 'pylint', 'pep8', 'shellcheck', 'yamllint', 'ansible-doc', 'import', 'shebang'):
+        assert 'Running sanity test "%s"' % test in out, out
+    assert 'Required program' not in out, out  # no test skipped for a missing tool
+    # the virtualenvs were filled from the wheelhouse, not from an index
+    assert not re.search(r'^\s*Downloading ', out, re.M), out
 
 
 def passed_count(out):
@@ -138,7 +214,7 @@ def test_unit_tests_pass_the_same_under_ansible_test_and_pytest(collection_copy)
         except ImportError:
             pytest.fail('ansible-test units needs %s: add pytest-xdist, pytest-mock and mock to '
                         'tests/requirements.txt and run scripts/bootstrap.sh' % plugin)
-    rc, out = ansible_test(collection_copy, 'units')
+    rc, out = ansible_test(collection_copy, VENV_BIN, 'units')
     assert rc == 0, out
     under_ansible_test = passed_count(out)
     rc, out = run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'tests/unit'],
@@ -199,33 +275,22 @@ def test_antsibull_docs_renders_every_module_and_the_role(docs_env, tmp_path):
 def test_requires_ansible_admits_the_oldest_tested_version():
     with open(os.path.join(REPO, 'meta', 'runtime.yml')) as f:
         requires = yaml.safe_load(f)['requires_ansible']
-    assert requires.startswith('>=%s.' % OLDEST_CORE), requires
+    assert requires == '>=%s.0' % OLDEST_CORE, requires  # and no upper bound: the newest is tested
 
 
-def compat_bin(version):
-    """Controller bin directory with ansible-core `version`; the newest is .venv itself."""
-    if version is None:
-        return VENV_BIN
-    venv = os.path.join(COMPAT, 'ansible-core-%s' % version)
-    marker = os.path.join(venv, '.installed')
-    if not os.path.exists(marker):
-        shutil.rmtree(venv, ignore_errors=True)
-        rc, out = run(['/usr/bin/python3', '-m', 'venv', venv])
-        assert rc == 0, out
-        rc, out = run([os.path.join(venv, 'bin', 'pip'), 'install', '-q', '--disable-pip-version-check',
-                       'ansible-core>=%s,<%s.%d' % (version, version.split('.')[0], int(version.split('.')[1]) + 1)],
-                      timeout=600)
-        assert rc == 0, out
-        open(marker, 'w').close()
-    return os.path.join(venv, 'bin')
-
-
-@pytest.mark.parametrize('version', [OLDEST_CORE, None], ids=['oldest-%s' % OLDEST_CORE, 'newest'])
-def test_module_lifecycle_on_the_oldest_and_newest_ansible_core(version, tmp_path, pin_dir, cgroup):
-    bindir = compat_bin(version)
+def core_version(bindir):
     rc, out = run([os.path.join(bindir, 'ansible'), '--version'])
-    core = re.search(r'core ([0-9.]+)', out).group(1)
-    assert core.startswith(version or ''), out
+    assert rc == 0, out
+    return re.search(r'core ([0-9.]+)', out).group(1), re.search(r'python version = ([0-9.]+)', out).group(1)
+
+
+@pytest.mark.parametrize('end', sorted(CORES))
+def test_module_lifecycle_on_the_oldest_and_newest_ansible_core(end, tmp_path, pin_dir, cgroup):
+    bindir = compat_bin(end)
+    core, python = core_version(bindir)
+    assert core.startswith(CORES[end][0] + '.'), core
+    if end == 'newest':
+        assert python.startswith('3.13.'), python
     env = controller_env(PATH=bindir + os.pathsep + os.environ.get('PATH', ''),
                          ANSIBLE_LOCALHOST_WARNING='false', ANSIBLE_INVENTORY_UNPARSED_WARNING='false')
 
@@ -258,10 +323,11 @@ def test_module_lifecycle_on_the_oldest_and_newest_ansible_core(version, tmp_pat
     assert not os.path.exists(pin_dir)
 
 
-def test_the_role_converges_idempotently_and_goes_away_on_the_oldest_ansible_core(
-        tmp_path, cgroup, own_collections):
-    """The role's Jinja, argument specs and ansible.posix tasks on the oldest ansible-core."""
-    bindir = compat_bin(OLDEST_CORE)
+@pytest.mark.parametrize('end', sorted(CORES))
+def test_the_role_converges_idempotently_and_goes_away_on_the_oldest_and_newest_ansible_core(
+        end, tmp_path, cgroup, own_collections):
+    """The role's Jinja, argument specs and ansible.posix tasks at both ends of the range."""
+    bindir = compat_bin(end)
     pin_root = os.path.join(BPFFS, hostenv.unique_name('srcompat'))
     role_vars = dict(sockredir_cgroup=cgroup, sockredir_pin_root=pin_root, sockredir_src_dir=str(tmp_path / 'src'),
                      sockredir_install_packages=False)

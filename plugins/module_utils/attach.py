@@ -197,7 +197,8 @@ def execute(params, check_mode, want_diff):
     """bpf_attach's whole job; returns the module result."""
     if params['state'] == 'absent' and _target_gone(params):
         # nothing can be attached to a cgroup or map that no longer exists
-        return dict(changed=False, target=params['cgroup'] or params['map'], actions=[], attached=[])
+        return dict(changed=False, target=params['cgroup'] or params['map'],
+                    attach_type='sock_ops' if params['cgroup'] is not None else 'sk_msg', actions=[], attached=[])
     att = Attachment(params['program'], cgroup=params['cgroup'], map_pin=params['map'])
     try:
         return _execute(att, params, check_mode, want_diff)

@@ -33,16 +33,10 @@ author:
   - ebpf.sockredir developers (@ebpf-sockredir)
 requirements:
   - Linux with cgroup-bpf and sockmap; querying the program of a sockmap needs Linux 5.19 or later.
-  - libbpf (C(libbpf1)).
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
-  platform:
-    platforms: linux
+  - ebpf.sockredir.sockredir
+  - ebpf.sockredir.sockredir.actions
 options:
   program:
     description: Pin path of the program (in bpffs), as created by M(ebpf.sockredir.bpf_program).

@@ -8,26 +8,19 @@ __metaclass__ = type
 DOCUMENTATION = r'''
 ---
 module: bpf_info
-short_description: Facts about BPF socket redirection on a host
+short_description: Returns information about BPF socket redirection on a host
 version_added: 0.1.0
 description:
-  - Read-only. Reports the kernel features socket redirection needs (probed through libbpf), the pins
+  - Returns information; changes nothing. Reports the kernel features socket redirection needs (probed through libbpf), the pins
     in a bpffs directory with what the kernel says of each (id, name, type, tag, map ids), map entry
     counts, the C(msg_verdict) program of each sockmap, the counters of this collection's programs,
     and the C(sock_ops) programs attached to a cgroup.
 author:
   - ebpf.sockredir developers (@ebpf-sockredir)
-requirements:
-  - libbpf (C(libbpf1)).
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
-  platform:
-    platforms: linux
+  - ebpf.sockredir.sockredir
+  - ebpf.sockredir.sockredir.info_module
 options:
   pin_dir:
     description: A directory on bpffs whose pins to report. Optional.

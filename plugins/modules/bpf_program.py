@@ -45,17 +45,11 @@ requirements:
   - With O(src) only, bcc Python bindings (Debian/Ubuntu C(python3-bpfcc); the PyPI package named C(bcc)
     is unrelated). If the interpreter running the module lacks them, the module re-runs itself under
     C(/usr/bin/python3).
-  - libbpf (C(libbpf1), a dependency of C(python3-bpfcc)); with O(object), the only requirement.
   - With O(src) only, kernel headers for BCC, see O(kernel_headers).
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
-  platform:
-    platforms: linux
+  - ebpf.sockredir.sockredir
+  - ebpf.sockredir.sockredir.actions
 options:
   state:
     description: V(present) loads and pins; V(absent) unpins.

@@ -139,7 +139,7 @@ def connected_pair(listener, client_factory, family, address, source_port=0):
     """(client, accepted) for a new connection to listener."""
     port = listener.getsockname()[1]
     client = client_factory.connect(family, address, port, source_port)
-    accepted, _ = listener.accept()
+    accepted = listener.accept()[0]
     accepted.settimeout(SOCKET_TIMEOUT)
     return client, accepted
 
@@ -320,7 +320,7 @@ class RoleRun(object):
 
 def run_role(workdir, role_vars, timeout=300):
     proc = subprocess.run(role_command(workdir, role_vars), capture_output=True, text=True,
-                          env=role_env(), timeout=timeout, cwd=str(workdir))
+                          env=role_env(), timeout=timeout, cwd=str(workdir), check=False)
     return RoleRun(proc.returncode, proc.stdout + proc.stderr)
 
 
@@ -424,7 +424,7 @@ def _kmsg_records():
                 if e.errno == errno.EPIPE:  # overwritten while we read: skip ahead
                     continue
                 raise
-            head, _, text = record.decode(errors='replace').partition(';')
+            head, _sep, text = record.decode(errors='replace').partition(';')
             fields = head.split(',')
             out.append((int(fields[1]), text.split('\n', 1)[0]))
     finally:
@@ -455,7 +455,7 @@ class Stream(object):
 
     def __init__(self, netns, family, seed, server_cgroup, client_cgroup, read_pause=0.0,
                  timeout=60, **client_options):
-        bind, address, _ = FAMILIES[family]
+        bind, address = FAMILIES[family][:2]
         self.seed, self.timeout = seed, timeout
         self.client = None
         self.server = subprocess.Popen(
@@ -578,7 +578,7 @@ class RoleInstance(object):
 
 def program_exists(prog_id):
     return subprocess.run(['bpftool', 'prog', 'show', 'id', str(prog_id)],
-                          capture_output=True).returncode == 0
+                          capture_output=True, check=False).returncode == 0
 
 
 def run_tasks(workdir, tasks, name='tasks', cwd=None, timeout=600):
@@ -595,7 +595,7 @@ def run_tasks(workdir, tasks, name='tasks', cwd=None, timeout=600):
     env = dict(role_env(), ANSIBLE_STDOUT_CALLBACK='ansible.posix.json')
     proc = subprocess.run([os.path.join(conftest.VENV_BIN, 'ansible-playbook'), '-i', 'localhost,', '-c',
                            'local', '-e', 'ansible_python_interpreter=/usr/bin/python3', path],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd or str(workdir))
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd or str(workdir), check=False)
     try:
         data = json.loads(proc.stdout)
     except ValueError:

@@ -64,11 +64,11 @@ def serve(listener, args, deadline):
     received = 0
     finished = 0
     while finished < args.connections and time.monotonic() < deadline:
-        for key, _ in sel.select(timeout=0.5):
+        for key, _events in sel.select(timeout=0.5):
             if key.data is None:
                 while True:
                     try:
-                        conn, _ = listener.accept()
+                        conn = listener.accept()[0]
                     except BlockingIOError:
                         break
                     conn.setblocking(False)
@@ -146,7 +146,7 @@ def client(port, args, deadline):
         sel.register(conn, selectors.EVENT_WRITE, state)
     connected = 0
     while not args.eager and connected < len(states) and time.monotonic() < deadline:
-        for key, _ in sel.select(timeout=0.5):
+        for key, _events in sel.select(timeout=0.5):
             state = key.data
             err = state['conn'].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -233,7 +233,7 @@ def main(argv=None):
         os._exit(0 if ok else 1)
     report = serve(listener, args, deadline)
     report_line(report)
-    _, status = os.waitpid(child, 0)
+    status = os.waitpid(child, 0)[1]
     return 0 if report['ok'] == args.connections and status == 0 else 1
 
 

@@ -66,7 +66,7 @@ def serve(args):
     listener.listen(1)
     listener.settimeout(args.timeout)
     report(listening=listener.getsockname()[1])
-    conn, _ = listener.accept()
+    conn = listener.accept()[0]
     conn.settimeout(args.timeout)
     digest, got, end = hashlib.sha256(), 0, 'eof'
     try:

@@ -27,7 +27,8 @@ COMPARE = [
 @pytest.mark.parametrize('a,b,expected', COMPARE)
 def test_compare_versions(a, b, expected):
     assert advisories.compare_versions(a, b) == expected
-    assert advisories.compare_versions(b, a) == -expected
+    # swapped on purpose: the comparison must be antisymmetric
+    assert advisories.compare_versions(b, a) == -expected  # pylint: disable=arguments-out-of-order
 
 
 RELEASES = [

@@ -24,7 +24,7 @@ def messages(seed):
 
 def send_small_writes(sock, seed):
     rng = random.Random(seed)
-    chunks = [rng.randbytes(rng.randint(1, 200)) for _ in range(SMALL_WRITES)]
+    chunks = [rng.randbytes(rng.randint(1, 200)) for _chunk in range(SMALL_WRITES)]
     for chunk in chunks:
         sock.sendall(chunk)
     return b''.join(chunks)

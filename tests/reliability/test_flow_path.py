@@ -126,13 +126,13 @@ def test_fast_open_data_is_read_first(redirection, netns):
         listener = f.listen('127.0.0.1')
         listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 256)
         address = listener.getsockname()
-        for _ in range(200):
+        for _run in range(200):
             client = blocking(f.socket('4'))
             client.sendto(chunks[0], MSG_FASTOPEN, address)
             for chunk in chunks[1:]:
                 client.sendall(chunk)
             client.shutdown(socket.SHUT_WR)
-            accepted, _ = listener.accept()
+            accepted = listener.accept()[0]
             data = read_to_eof(blocking(accepted))   # everything has arrived
             in_order += sequence_of(data) == list(range(64))
             client.close()
@@ -158,12 +158,12 @@ def test_first_send_before_the_peer_is_inserted_stays_tcp(redirection, netns):
         # a pure ACK (no payload: 20 + 32 bytes with timestamps) to the listener's port
         nft(netns, 'add', 'rule', 'inet', 'srtest', 'in', 'tcp', 'dport', str(port),
             'tcp', 'flags', '==', 'ack', 'ip', 'length', '52', 'drop')
-        for _ in range(50):
+        for _run in range(50):
             client = blocking(f.connect('4', '127.0.0.1', port))
             for i in range(16):
                 client.sendall(records(i * 4, 4))
             client.shutdown(socket.SHUT_WR)
-            accepted, _ = listener.accept()
+            accepted = listener.accept()[0]
             in_order += sequence_of(read_to_eof(blocking(accepted))) == list(range(64))
             client.close()
             accepted.close()
@@ -186,7 +186,7 @@ def test_first_sends_racing_the_handshake_under_load(redirection, netns):
 
         def client_thread():
             try:
-                for _ in range(per_thread):
+                for _run in range(per_thread):
                     client = blocking(f.connect('4', '127.0.0.1', port))
                     for i in range(chunks):
                         client.sendall(records(i * 4, 4))
@@ -203,12 +203,12 @@ def test_first_sends_racing_the_handshake_under_load(redirection, netns):
                 accepted.close()
 
         before = redirection.counters()
-        clients = [threading.Thread(target=client_thread) for _ in range(threads)]
+        clients = [threading.Thread(target=client_thread) for _run in range(threads)]
         for t in clients:
             t.start()
         servers = []
-        for _ in range(per_thread * threads):
-            accepted, _ = listener.accept()
+        for _run in range(per_thread * threads):
+            accepted = listener.accept()[0]
             servers.append(threading.Thread(target=serve_one, args=(accepted,)))
             servers[-1].start()
         for t in clients + servers:
@@ -234,9 +234,9 @@ def test_peer_on_another_host_is_not_admitted_and_reads_never_fail(redirection):
         payload = bytes(range(256)) * 65536       # 16 MiB
         before = redirection.counters()
         outcomes = []
-        for _ in range(20):
+        for _run in range(20):
             client = blocking(near.connect('4', far_addr, port))
-            accepted, _ = listener.accept()
+            accepted = listener.accept()[0]
             outcomes.append(write_shutdown_read_reply(client, blocking(accepted), payload, 65536))
             client.close()
             accepted.close()
@@ -255,7 +255,7 @@ def test_small_write_stream_goes_tcp_and_reads_never_fail(redirection, netns, de
     payload = records(0, 32768)                   # 2 MiB in 64-byte records
     with kit.SocketFactory(redirection.cgroup, netns) as f:
         listener = f.listen('127.0.0.1')
-        for _ in range(20):
+        for _run in range(20):
             client, accepted = kit.connected_pair(listener, f, '4', '127.0.0.1')
             outcomes.append(write_shutdown_read_reply(blocking(client), blocking(accepted),
                                                       payload, 1024))
@@ -299,7 +299,7 @@ def test_order_across_the_switch_both_directions(redirection, netns, default_cfg
     before = redirection.counters()
     with kit.SocketFactory(redirection.cgroup, netns) as f:
         listener = f.listen('127.0.0.1')
-        for _ in range(runs):
+        for _run in range(runs):
             client, accepted = kit.connected_pair(listener, f, '4', '127.0.0.1')
             client, accepted = blocking(client), blocking(accepted)
             got = {}
@@ -381,7 +381,7 @@ def test_the_receiver_leaves_once_drained_and_its_reads_never_fail(redirection, 
     outcomes = []
     with kit.SocketFactory(redirection.cgroup, netns) as f:
         listener = f.listen('127.0.0.1')
-        for _ in range(20):
+        for _run in range(20):
             writer, receiver = kit.connected_pair(listener, f, '4', '127.0.0.1')
             writer, receiver = blocking(writer), blocking(receiver)
             for i in range(64):

@@ -91,7 +91,7 @@ def test_one_end_in_the_map_passes_its_bytes_to_tcp(small_map, netns):
         stack.callback(listener.close)
         stack.callback(outside_listener.close)
         kit.wait_until(lambda: small_map.entries() == 0, 10, 'an empty map')
-        held = [kit.connected_pair(listener, inside, '4', '127.0.0.1') for _ in range(MAP_SIZE // 2 - 1)]
+        held = [kit.connected_pair(listener, inside, '4', '127.0.0.1') for _pair in range(MAP_SIZE // 2 - 1)]
         held.append(kit.connected_pair(outside_listener, inside, '4', '127.0.0.1'))
         for pair in held:
             stack.callback(pair[0].close)

@@ -80,7 +80,7 @@ def close_with_unread_data(client, server):
 
 def send_errors(sock):
     out = []
-    for _ in range(3):
+    for _round in range(3):
         try:
             sock.send(b'after')
             out.append('ok')
@@ -127,14 +127,14 @@ def readiness(client, server):
         ep.register(server.fileno(), select.EPOLLIN | select.EPOLLET | select.EPOLLRDHUP)
         out['epoll_idle'] = ep.poll(SETTLE)
         client.sendall(b'1')
-        out['after_one_byte'] = [ev for _, ev in ep.poll(5)]
+        out['after_one_byte'] = [ev for _fd, ev in ep.poll(5)]
         out['no_repeat_without_new_data'] = ep.poll(SETTLE)
         client.sendall(b'2')
-        out['after_second_byte'] = [ev for _, ev in ep.poll(5)]
+        out['after_second_byte'] = [ev for _fd, ev in ep.poll(5)]
         out['poll_readable'] = dict(p.poll(0)).get(server.fileno(), 0) & select.POLLIN
         out['read'] = server.recv(10)
         client.shutdown(socket.SHUT_WR)
-        out['after_shutdown'] = [ev for _, ev in ep.poll(5)]
+        out['after_shutdown'] = [ev for _fd, ev in ep.poll(5)]
     finally:
         ep.close()
     return out

@@ -107,22 +107,22 @@ def kill_cgroup(path, timeout=10.0):
 def child_cgroup(prefix):
     """Yield the path of a new cgroup v2 directory; empty and remove it on exit."""
     path = os.path.join(cgroup2_mount(), unique_name(prefix))
+
+    def removed():
+        try:
+            os.rmdir(path)
+        except OSError as err:
+            # EBUSY while the last exiting task is still being released.
+            if err.errno == errno.EBUSY:
+                return False
+            raise
+        return True
+
     os.mkdir(path)
     try:
         yield path
     finally:
         kill_cgroup(path)
-
-        def removed():
-            try:
-                os.rmdir(path)
-            except OSError as err:
-                # EBUSY while the last exiting task is still being released.
-                if err.errno == errno.EBUSY:
-                    return False
-                raise
-            return True
-
         _wait_until(removed, 10.0, "rmdir %s" % path)
 
 
@@ -148,6 +148,12 @@ def _lo_addresses(name):
 def netns(prefix):
     """Yield the name of a new network namespace with lo up; delete it on exit."""
     name = unique_name(prefix)
+
+    def empty():
+        pids = netns_pids(name)
+        _kill_pids(pids)
+        return not pids
+
     _ip("netns", "add", name)
     try:
         _ip("-n", name, "link", "set", "dev", "lo", "up")
@@ -155,11 +161,6 @@ def netns(prefix):
                     "127.0.0.1 and ::1 on lo in %s" % name)
         yield name
     finally:
-        def empty():
-            pids = netns_pids(name)
-            _kill_pids(pids)
-            return not pids
-
         _wait_until(empty, 10.0, "processes in netns %s to exit" % name)
         _ip("netns", "delete", name)
 

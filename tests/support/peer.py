@@ -64,7 +64,7 @@ def serve(bind, port, timeout):
         listener.settimeout(timeout)
         report(listening=listener.getsockname()[1])
 
-        conn, _ = listener.accept()
+        conn = listener.accept()[0]
     with conn:
         conn.settimeout(timeout)
         digest = hashlib.sha256()
