@@ -277,7 +277,7 @@ def test_a_pin_root_swapped_during_a_run_is_never_used(make, tmp_path):
 
         assert a.run()[0] == 0
         moved = a.pin_root + '-moved'
-        run = a.start(pause_at='sources', map_size=2048, recreate_maps=True)
+        run = a.start(pause_at='sources', loader='bcc', sources=engine.sources(), map_size=2048, recreate_maps=True)
         run.wait_paused()
         os.rename(a.pin_root, moved)
         os.symlink(decoy, a.pin_root)
