@@ -17,12 +17,12 @@ import re
 import stat
 import subprocess
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import mounts, pins
+from ansible_collections.ebpf.sockredir.plugins.module_utils import mounts, pins, policy
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
 MIN_KERNEL = (5, 15)  # bpf_get_netns_cookie() in sock_ops and sk_msg (the sockhash key)
 MAX_MAP_SIZE = 134217728  # largest sockhash the kernel creates
-MAX_PORTS = 1024  # entries of the sockredir_ports map (SOCKREDIR_MAX_PORTS)
+MAX_PORTS = policy.MAX_PORTS  # entries of the sockredir_ports map
 OBJECT_MAP_SIZE = 65535  # SOCKREDIR_MAP_SIZE of the prebuilt object
 BOOT_UNIT = '/etc/systemd/system/ebpf-sockredir.service'
 BOOT_LIB = '/usr/local/lib/ebpf-sockredir'

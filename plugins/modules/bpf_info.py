@@ -48,7 +48,7 @@ EXAMPLES = r'''
 RETURN = r'''
 settings:
   description:
-    - The run-time settings of this collection's programs, when O(pin_dir) holds a C(sockredir_cfg) map:
+    - The run-time settings of this collection's programs, when O(pin_dir) holds a C(sockredir_cfg) map;
       C(debug) (whether trace_pipe lines are on), C(allow_listed), C(instance) (the id the debug lines show),
       C(small_write_bytes) and C(small_write_streak) (0 is the default; C(effective_*) the values in use),
       C(flags), and the port policy from C(sockredir_ports) as C(allow_ports) and C(deny_ports).

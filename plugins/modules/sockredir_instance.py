@@ -129,7 +129,7 @@ options:
   debug:
     description:
       - One C(trace_pipe) line per admission and per path decision (C(sockredir <instance> <port>><port>
-        ...)); read them with C(cat /sys/kernel/tracing/trace_pipe). A flag in C(sockredir_cfg): turning it
+        ...)); read them with C(cat /sys/kernel/tracing/trace_pipe). A flag in C(sockredir_cfg), turning it
         on or off reloads nothing.
     type: bool
     default: false
@@ -214,9 +214,10 @@ EXAMPLES = r'''
 
 RETURN = r'''
 loader:
-  description: Which path the host takes, e.g. C(loader: object (the prebuilt sockredir.bpf.o through libbpf; no compiler, headers or bcc needed)).
+  description: Which path the host takes (the object loader or bcc) and what that path needs.
   returned: always
   type: str
+  sample: "loader: object (the prebuilt sockredir.bpf.o through libbpf; no compiler, headers or bcc needed)"
 actions:
   description: What was done (or, in check mode, would be done), in order.
   returned: always
