@@ -133,7 +133,6 @@ def boot_instance(tmp_path, cgroup):
                      sockredir_bpffs_mount=root + '/bpf',
                      sockredir_pin_root=root + '/bpf/sockredir',
                      sockredir_src_dir=str(tmp_path / 'src'),
-                     sockredir_map_size=1024,
                      sockredir_install_packages=False,
                      sockredir_boot_persist=True)
     yield role_vars
@@ -267,5 +266,5 @@ def doc_options(module):
 def test_the_record_keeps_every_option_a_boot_needs():
     """A new option of sockredir_instance must either reach the record (and so the boot) or be
     named here as one a boot does without."""
-    per_run = {'state', 'sources', 'mounted', 'lock_timeout', 'bpffs_persist', 'cgroup2_mount'}
+    per_run = {'state', 'sources', 'object_b64', 'mounted', 'lock_timeout', 'bpffs_persist', 'cgroup2_mount'}
     assert sorted(set(doc_options('sockredir_instance')) - per_run) == sorted(instance.BOOT_PARAMS)

@@ -25,7 +25,7 @@ import pytest
 import conftest
 from support import hostenv
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance, policy, program
 
 from . import kit
 
@@ -47,16 +47,21 @@ ROLE_CASES = {
     'pin_root is the bpffs mount': (dict(sockredir_pin_root='/sys/fs/bpf'), ['sockredir_pin_root'], None),
     'pin_root name too long': (dict(sockredir_pin_root='/sys/fs/bpf/' + TOO_LONG), ['sockredir_pin_root'], None),
     'map_size 0': (dict(sockredir_map_size=0), ['sockredir_map_size'], None),
+    'map_size other than the object\'s': (dict(sockredir_map_size=4096), ['sockredir_map_size'], None),
+    'loader unknown': (dict(sockredir_loader='llvm'), ['sockredir_loader'], None),
+    'debug not a boolean': (dict(sockredir_debug='maybe'), ['sockredir_debug'], None),
+    'port both allowed and denied': (dict(sockredir_allow_ports=[80], sockredir_deny_ports=[80]),
+                                     ['sockredir_allow_ports'], None),
     'map_size not a number': (dict(sockredir_map_size='many'), ['sockredir_map_size'], None),
     'map_size above u32': (dict(sockredir_map_size=1 << 32), ['sockredir_map_size'], None),
     'map_size above the kernel maximum': (dict(sockredir_map_size=(1 << 32) - 1), ['sockredir_map_size'], None),
     'allow port 0': (dict(sockredir_allow_ports=[0]), ['sockredir_allow_ports'], None),
     'deny ports a word': (dict(sockredir_deny_ports='ssh'), ['sockredir_deny_ports'], None),
-    'allow 65 ports': (dict(sockredir_allow_ports=list(range(1000, 1065))), ['sockredir_allow_ports'], None),
+    'allow 1025 ports': (dict(sockredir_allow_ports=list(range(1000, 2025))), ['sockredir_allow_ports'], None),
     'install_packages not a boolean': (dict(sockredir_install_packages='maybe'),
                                        ['sockredir_install_packages'], None),
     'bpffs_mount relative': (dict(sockredir_bpffs_mount='sys/fs/bpf'), ['sockredir_bpffs_mount'], None),
-    'kernel_headers not a header tree': (dict(sockredir_kernel_headers='/nonexistent/headers'),
+    'kernel_headers not a header tree': (dict(sockredir_loader='bcc', sockredir_kernel_headers='/nonexistent/headers'),
                                          ['sockredir_kernel_headers'], None),
     'src_dir empty': (dict(sockredir_src_dir=''), ['sockredir_src_dir'], None),
 }
@@ -194,13 +199,14 @@ def test_bad_role_variables_leave_shared_state_alone(role_outcomes):
 
 
 def test_variables_given_as_strings_on_the_command_line(tmp_path):
-    """`-e name=value` makes every value a string: "false" and "4096" must work as false and 4096."""
+    """`-e name=value` makes every value a string: "false" and "8" must work as false and 8."""
     with hostenv.child_cgroup(kit.PREFIX) as cg:
         role = kit.RoleInstance(tmp_path, cg)
         try:
             command = kit.role_command(tmp_path, dict(
                 sockredir_cgroup=cg, sockredir_pin_root=role.pin_root, sockredir_src_dir=role.src_dir))
-            command += ['-e', 'sockredir_install_packages=false', '-e', 'sockredir_map_size=4096',
+            command += ['-e', 'sockredir_install_packages=false', '-e', 'sockredir_map_size=65535',
+                        '-e', 'sockredir_small_write_streak=8', '-e', 'sockredir_debug=false',
                         '-e', 'sockredir_recreate_maps=false', '-e', 'sockredir_bpffs_persist=false']
             proc = subprocess.run(command, capture_output=True, text=True, env=kit.role_env(), timeout=300,
                                   cwd=str(tmp_path), check=False)
@@ -208,7 +214,9 @@ def test_variables_given_as_strings_on_the_command_line(tmp_path):
             if run.rc != 0:
                 assert 'sockredir_install_packages' in run.output, run
             assert run.rc == 0, run
-            assert facts.pin_dir_facts(role.pin_root)['maps']['sockredir_hash']['max_entries'] == 4096
+            assert facts.pin_dir_facts(role.pin_root)['maps']['sockredir_hash']['max_entries'] == 65535
+            settings = policy.read_path(role.pin_root)
+            assert settings['small_write_streak'] == 8 and settings['debug'] is False, settings
         finally:
             role.cleanup()
 
