@@ -292,6 +292,23 @@ def test_a_pin_root_swapped_during_a_run_is_never_used(make, tmp_path):
         os.rmdir(decoy)
 
 
+def test_the_object_loader_needs_no_bcc_and_the_plan_says_so(make):
+    """On a host without bcc the object path converges; the bcc path asks for the package."""
+    a = make()
+    rc, data, _ = engine.run(dict(a.params, _check=True), workdir=a.workdir, hide_bcc=True)
+    assert rc == 0 and 'bcc' not in data['needs']['packages'] and 'kernel-headers' not in data['needs']['packages'], data
+    assert data['loader'].startswith('loader: object (') and 'no compiler, headers or bcc needed' in data['loader']
+    rc, data, _ = engine.run(a.params, workdir=a.workdir, hide_bcc=True)
+    assert rc == 0 and data['needs'] == dict(packages=[], mounts=[]), data
+    assert_converged(a)
+    assert a.record()['params']['loader'] == 'object'
+    rc, data, _ = engine.run(dict(a.params, loader='bcc', sources=engine.sources()), workdir=a.workdir,
+                             hide_bcc=True)
+    assert rc == 0 and 'bcc' in data['needs']['packages'] and data['actions'] == [], data
+    assert data['loader'].startswith('loader: bcc')
+    assert a.record()['params']['loader'] == 'object'  # nothing changed
+
+
 def test_a_pinned_map_with_another_key_size_is_noticed(make):
     a = make()
     os.mkdir(a.pin_root, 0o700)

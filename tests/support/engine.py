@@ -16,8 +16,10 @@ BPF_SOURCES = os.path.join(REPO, 'files', 'bpf')
 PYTHON = '/usr/bin/python3'
 
 DRIVER = r'''
-import json, sys
+import json, os, sys
 sys.path.insert(0, sys.argv[1])
+if os.environ.get('SRTEST_HIDE_BCC'):
+    sys.modules['bcc'] = None  # a host without python3-bpfcc: import bcc fails
 from ansible_collections.ebpf.sockredir.plugins.module_utils import instance
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 params = json.loads(sys.stdin.read())
@@ -46,8 +48,8 @@ def object_b64():
 class Run(object):
     """One engine run in its own process (and process group)."""
 
-    def __init__(self, params, pause_at=None, workdir='/tmp'):
-        env = dict(os.environ)
+    def __init__(self, params, pause_at=None, workdir='/tmp', hide_bcc=False):
+        env = dict(os.environ, SRTEST_HIDE_BCC='1' if hide_bcc else '')
         self.gate = None
         if pause_at:
             self.gate = os.path.join(str(workdir), 'pause-%d-%s' % (time.monotonic_ns(), pause_at.replace(' ', '_')))
