@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Redis, nginx and iperf3: plain TCP loopback versus the collection's redirect, side by side.
 
     sudo .venv/bin/python benchmarks/apps.py --quick [--out DIR]   # under a minute
@@ -204,7 +203,8 @@ class Server(object):
                 raise BenchError('%s exited (%s) before listening: %s'
                                  % (self.name, self.proc.returncode, self.output()))
             out = subprocess.run(['nsenter', '--net=/run/netns/%s' % self.netns, 'ss', '-Hltn',
-                                  'sport = :%d' % self.port], capture_output=True, text=True).stdout
+                                  'sport = :%d' % self.port], capture_output=True, text=True,
+                                 check=False).stdout
             if out.strip():
                 return
             time.sleep(0.05)
@@ -267,8 +267,8 @@ def nginx_server(path, cgroup, netns, cpu, workdir, www):
                        locations=''.join('        location %s {\n            alias %s/;\n'
                                          '            %s\n        }\n' % (url, www, directive)
                                          for url, directive in NGINX_LOCATIONS.items())))
-    return Server('nginx-%s' % path, ['nginx', '-p', home, '-e', os.path.join(home, 'error.log'),
-                                       '-c', conf], cgroup, netns, cpu, port, workdir)
+    argv = ['nginx', '-p', home, '-e', os.path.join(home, 'error.log'), '-c', conf]
+    return Server('nginx-%s' % path, argv, cgroup, netns, cpu, port, workdir)
 
 
 def iperf3_server(path, cgroup, netns, cpu, workdir):
@@ -327,7 +327,7 @@ class Apps(object):
 
     def client(self, path, argv, timeout):
         proc = subprocess.run(placed(self.cgroups[path], self.netns, self.client_cpu, argv),
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, check=False)
         return proc.returncode, proc.stdout, proc.stderr
 
     def sample(self, cell, path):
@@ -390,7 +390,7 @@ class Apps(object):
         key = 'srapps-check-%s' % path
         put = subprocess.run(placed(self.cgroups[path], self.netns, self.client_cpu,
                                     ['redis-cli', '-h', ADDR, '-p', str(port), '-x', 'set', key]),
-                             input=value, capture_output=True, text=True, timeout=30)
+                             input=value, capture_output=True, text=True, timeout=30, check=False)
         if put.returncode != 0 or put.stdout.strip() != 'OK':
             return dict(ok=False, detail='set: %s %s' % (put.stdout[-200:], put.stderr[-200:]))
         rc, out, err = self.client(path, ['redis-cli', '-h', ADDR, '-p', str(port), '--raw',
@@ -420,10 +420,10 @@ class Apps(object):
         for url in ['/1m.bin'] + [prefix + '1m.bin' for prefix in NGINX_LOCATIONS]:
             argv = placed(self.cgroups[path], self.netns, self.client_cpu,
                           ['curl', '-sS', '--fail', '-o', '-', 'http://%s:%d%s' % (ADDR, port, url)])
-            proc = subprocess.run(argv, capture_output=True, timeout=30)
+            proc = subprocess.run(argv, capture_output=True, timeout=30, check=False)
             if proc.returncode != 0 or hashlib.sha256(proc.stdout).hexdigest() != self.digests['1m.bin']:
-                failed.append('%s: exit %s, %d bytes, %s' % (url, proc.returncode, len(proc.stdout),
-                                                            proc.stderr.decode(errors='replace')[-200:]))
+                failed.append('%s: exit %s, %d bytes, %s' % (
+                    url, proc.returncode, len(proc.stdout), proc.stderr.decode(errors='replace')[-200:]))
         return dict(ok=not failed, detail='; '.join(failed))
 
     # -- iperf3
@@ -689,7 +689,7 @@ def run(mode, out_dir, repeats=None, only=None, build=BUILDS[0]):
 def tool_versions():
     def first_line(argv):
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
         except OSError:
             return None
         text = (proc.stdout or proc.stderr).strip().splitlines()
@@ -834,13 +834,13 @@ def proof_table(result):
               'samples: the programs\' counters did not move. Data check: a 64 KiB value through '
               'redis and the 1 MiB file\'s sha256 through nginx (every location), after every '
               'sample, on both paths.' % LO_PACKETS_PER_CONNECTION,
-             '', small_write_note(result),
-             '', 'Machine load of others during the samples (median, CPUs): %s. '
-             'Run took %.0f s (ansible-playbook converge %.1f s, state absent %.1f s).' % (
-                 fmt(_median(c['median'][p]['load_others'] for c in result['cells'] for p in PATHS),
-                     '%.2f'),
-                 result['seconds'], result['ansible']['converge']['seconds'],
-                 result['ansible']['absent']['seconds']), '']
+              '', small_write_note(result),
+              '', 'Machine load of others during the samples (median, CPUs): %s. '
+              'Run took %.0f s (ansible-playbook converge %.1f s, state absent %.1f s).' % (
+                  fmt(_median(c['median'][p]['load_others'] for c in result['cells'] for p in PATHS),
+                      '%.2f'),
+                  result['seconds'], result['ansible']['converge']['seconds'],
+                  result['ansible']['absent']['seconds']), '']
     return lines
 
 

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # redis-server, nginx-light, wrk, curl: benchmarks/apps.py. Where the packages start their
 # system services, those are left alone: the benchmark runs its own servers in a netns of its own.
 # libbpf-dev, llvm: scripts/build-bpf.sh; openssh-*: the fleet harness (benchmarks/fleet.py);
-# shellcheck: ansible-test sanity (tests/test_quality.py) runs it on the scripts.
+# and shellcheck, which ansible-test sanity (tests/test_quality.py) runs on the scripts (a comment
+# that starts with the word "shellcheck" is read as a shellcheck directive).
 packages=(python3-bpfcc bpftool clang linux-headers-amd64 socat iperf3 sockperf nftables
           iproute2 python3-venv python3-pip util-linux procps python3-matplotlib
           redis-server nginx-light wrk curl libbpf-dev llvm openssh-server openssh-client shellcheck)

@@ -65,7 +65,7 @@ def made_by(stderr):
 
 def left_of(made):
     """What still exists of what a run made."""
-    netns = subprocess.run(['ip', 'netns', 'list'], capture_output=True, text=True).stdout
+    netns = subprocess.run(['ip', 'netns', 'list'], capture_output=True, text=True, check=True).stdout
     paths = list(made['cgroups'].values()) + [made['pin_dir'], made['workdir'], made['record']]
     return dict(netns=[made['netns']] if made['netns'] in netns.split() else [],
                 paths=[p for p in paths if os.path.exists(p)],
@@ -80,7 +80,7 @@ def command(out):
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp('apps')
     start = time.monotonic()
-    proc = subprocess.run(command(out), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command(out), capture_output=True, text=True, timeout=600, check=False)
     seconds = time.monotonic() - start
     made = made_by(proc.stderr)
     left = left_of(made)
@@ -221,8 +221,8 @@ def test_an_interrupted_run_removes_everything(tmp_path):
         # the first sample ran: servers, cgroups, netns, pins all exist
         during = left_of(made)
         assert during['netns'] and during['processes'], during
-        assert set(during['paths']) == set(made['cgroups'].values()) | {made['pin_dir'], made['workdir'],
-                                                                          made['record']}
+        expected = set(made['cgroups'].values()) | {made['pin_dir'], made['workdir'], made['record']}
+        assert set(during['paths']) == expected, during
         os.killpg(proc.pid, signal.SIGINT)
         rest = proc.stderr.read().decode(errors='replace')
         assert proc.wait(timeout=120) == 130, seen + rest
