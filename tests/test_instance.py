@@ -309,6 +309,15 @@ def test_the_object_loader_needs_no_bcc_and_the_plan_says_so(make):
     assert a.record()['params']['loader'] == 'object'  # nothing changed
 
 
+def test_absent_needs_neither_the_object_nor_the_sources(make, cgroups):
+    a = make()
+    assert a.run()[0] == 0
+    shutil.rmtree(a.src_dir)
+    rc, data, _ = a.run(state='absent', object_b64=None)
+    assert rc == 0, data
+    assert_nothing_left(a, cgroups)
+
+
 def test_a_pinned_map_with_another_key_size_is_noticed(make):
     a = make()
     os.mkdir(a.pin_root, 0o700)

@@ -270,6 +270,11 @@ class Instance(object):
                                   kernel_headers=p['kernel_headers'], headers_cache=p['headers_cache'],
                                   recreate_maps=p['recreate_maps'], record=LoadRecord(self), pin_set=self.pins)
 
+    def removal_set(self):
+        """The pins and the load record, for unpinning: no object or source is read (they may be gone)."""
+        return program.ProgramSet(self.params['pin_root'], programs=PROGRAMS, maps=MAPS,
+                                  record=LoadRecord(self), pin_set=self.pins)
+
     def _attachment(self, name, cgroup=None):
         load = (self.record or {}).get('load') or {}
         recorded = (load.get('programs') or {}).get(name, {}).get('id')
@@ -315,9 +320,11 @@ class Instance(object):
         if reasons:
             actions.append('load and pin (%s)' % '; '.join(reasons))
         settings, ports = self.settings()
-        if self.pins.exists and self.pins.describe(policy.CFG) and self.pins.describe(policy.PORTS):
+        try:
+            if not (self.pins.exists and self.pins.describe(policy.CFG) and self.pins.describe(policy.PORTS)):
+                raise BpfError('no settings maps yet')
             actions += ['write %s' % w for w in policy.converge(self.pins, settings, ports, check_mode=True)['what']]
-        else:
+        except BpfError:  # not there yet, or of another shape: the reload makes them
             actions.append('write settings and port policy')
         attach_plan = self._attach_plan(ps)
         actions += attach_plan
@@ -438,7 +445,7 @@ class Instance(object):
                             actions.append('detach %s from %s' % (SOCK_OPS, c))
                     finally:
                         att.close()
-            ps = self.program_set()
+            ps = self.removal_set()
             actions += ['unpin %s' % x for x in ps.removable() if x != self.record_file]
         ours = sorted(set(rec.get('src_files', [])))
         actions += ['remove %s' % os.path.join(self.src.path, n) for n in ours]
@@ -458,7 +465,7 @@ class Instance(object):
                     self._detach_cgroup(c)
                     if self.record is not None:
                         self.write_record(cgroups=sorted(set(self.record.get('cgroups', [])) - {c}))
-            still = self.program_set().remove()
+            still = self.removal_set().remove()
             if still:
                 result['warnings'] = ['program %s (id %d) is unpinned but still loaded: connections '
                                       'established while it ran still hold it and stay redirected until '
