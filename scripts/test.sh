@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The whole test suite, on this host's real kernel (run as root): installs what
-# it needs, runs the molecule scenarios (this host; a Debian 12 guest with
-# kernel 6.1 under qemu, whose image is built on first use; the same guest
-# without sockmap), ansible-test's integration targets of the modules, then
-# pytest (unit, module lifecycle, traffic, bad input, build, role, boot unit,
-# quality gates, reliability, benchmark quick mode).
+# it needs, runs the molecule scenarios (this host; the kernel matrix under
+# qemu: a Debian 12 guest with kernel 6.1 and a Debian 13 guest with kernel
+# 6.12, each image built on first use; the Debian 12 guest without sockmap),
+# ansible-test's integration targets of the modules, then pytest (unit,
+# module lifecycle, traffic, bad input, build, role, boot unit, quality gates,
+# reliability, benchmark quick mode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export ANSIBLE_COLLECTIONS_PATH="$PWD/.venv/collections"
 export PATH="$PWD/.venv/bin:$PATH"
 molecule test -s default
-molecule test -s vm
-molecule test -s vm-nosockmap
+SOCKREDIR_VM_SUITE=bookworm molecule test -s vm
+SOCKREDIR_VM_SUITE=trixie molecule test -s vm
+SOCKREDIR_VM_SUITE=bookworm molecule test -s vm-nosockmap
 # tests/integration/targets/bpf_*: each case in check mode, for real, and both again, in a child
 # cgroup and pin root of its own. --local: on this host, under .venv's Python (made from
 # /usr/bin/python3 with system site packages, so bcc imports); about 2 min.

@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
-# Builds, or finds in the cache, the Debian 12 guest image of the molecule VM
-# scenarios (molecule/vm, molecule/vm-nosockmap). Run as root.
+# Builds, or finds in the cache, the Debian guest image of the molecule VM
+# scenarios (molecule/vm, molecule/vm-nosockmap), one per Debian suite of the
+# kernel matrix. Run as root.
 #
 #   bash scripts/vm-image.sh            build if needed; print the image directory
 #   bash scripts/vm-image.sh --path     only print where the image is (or would be)
 #   bash scripts/vm-image.sh --rebuild  build again even if cached
+#   bash scripts/vm-image.sh --sources  only print the mirror entries the guest gets
+#
+# The suite is $SOCKREDIR_VM_SUITE (or --suite SUITE before the mode):
+#
+#   bookworm   Debian 12, kernel 6.1 (the default)
+#   trixie     Debian 13, kernel 6.12
 #
 # Everything comes from Debian packages: mmdebstrap builds the root file
-# system from the same Debian mirror entries the host's apt uses (Origin:
-# Debian in `apt-get indextargets`), mke2fs -d makes the disk from it. No
-# image is downloaded. The result, in $SOCKREDIR_VM_CACHE (default
-# /var/cache/ebpf-sockredir-vm) under a key that hashes this script (which
-# holds the package list and the guest's files) and the mirror entries:
+# system from the Debian mirror the host's apt uses (the entries whose
+# Release says Origin: Debian in `apt-get indextargets`; for a suite the host
+# does not list, the same mirrors with the host's suite name replaced, e.g.
+# bookworm-security -> trixie-security), mke2fs -d makes the disk from it.
+# No image is downloaded. The result, in $SOCKREDIR_VM_CACHE (default
+# /var/cache/ebpf-sockredir-vm) under <suite>-<key>, where the key hashes this
+# script (which holds the package list and the guest's files), the suite and
+# the mirror entries:
 #
 #   disk.raw      ext4 root file system, read-only; runs use a qcow2 overlay on it
-#   vmlinuz       the guest kernel (Debian's linux-image-amd64, 6.1) and its
+#   vmlinuz       the guest kernel (Debian's linux-image-amd64) and its
 #   initrd.img    initrd, for qemu -kernel/-initrd
-#   image.json    kernel release, package versions, the mirror entries, timings
+#   image.json    suite, kernel release, package versions, the mirror entries, timings
 #
-# The guest: Debian 12 (bookworm), systemd, openssh-server (root by key only;
-# the key of a run is passed on the kernel command line as
+# A new build of a suite removes that suite's older keys only; the images of
+# the other suites stay.
+#
+# The guest: Debian (the suite above), systemd, openssh-server (root by key
+# only; the key of a run is passed on the kernel command line as
 # sockredir_vm.ssh_key=<base64 of the public key line>, a unit writes it to
 # /root/.ssh/authorized_keys before sshd starts), systemd-networkd DHCP on
 # the qemu user-mode network, the kernel's own headers (linux-headers-amd64
@@ -29,7 +42,7 @@
 # installed with apt-get when missing.
 set -euo pipefail
 
-GUEST_SUITE=bookworm
+GUEST_SUITES=(bookworm trixie)
 GUEST_PACKAGES=(
   systemd-sysv udev dbus
   linux-image-amd64 linux-headers-amd64
@@ -42,15 +55,27 @@ HOST_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client)
 FREE_MIB=1536
 
 cache_root=${SOCKREDIR_VM_CACHE:-/var/cache/ebpf-sockredir-vm}
+GUEST_SUITE=${SOCKREDIR_VM_SUITE:-bookworm}
+usage="usage: $0 [--suite $(IFS='|'; echo "${GUEST_SUITES[*]}")] [--path|--rebuild|--sources]"
+if [ "${1:-}" = --suite ]; then
+  GUEST_SUITE=${2:-}
+  shift 2 || { echo "$usage" >&2; exit 2; }
+fi
 mode=build
 case "${1:-}" in
   "") ;;
   --path) mode=path ;;
   --rebuild) mode=rebuild ;;
-  *) echo "usage: $0 [--path|--rebuild]" >&2; exit 2 ;;
+  --sources) mode=sources ;;
+  *) echo "$usage" >&2; exit 2 ;;
 esac
 
 log() { echo "vm-image: $*" >&2; }
+
+case " ${GUEST_SUITES[*]} " in
+  *" $GUEST_SUITE "*) ;;
+  *) log "unknown suite '$GUEST_SUITE' (SOCKREDIR_VM_SUITE): one of ${GUEST_SUITES[*]}"; exit 2 ;;
+esac
 
 if [ "$(id -u)" != 0 ]; then
   log "run as root (mmdebstrap in root mode, apt-get, the cache in /var/cache)"
@@ -58,12 +83,23 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # The Debian entries of the host's apt sources (not third-party ones), one
-# "URI SUITE COMPONENT" per line, from the lists apt has downloaded.
+# "URI SUITE COMPONENT" per line, from the lists apt has downloaded. For a
+# suite the host does not list, the host's own Debian suite is renamed in
+# each entry (same mirrors: bookworm, bookworm-updates, bookworm-security
+# become trixie, trixie-updates, trixie-security).
 debian_sources() {
   apt-get indextargets --format '$(ORIGIN)|$(REPO_URI)|$(RELEASE)|$(COMPONENT)' \
       'Created-By: Packages' 2>/dev/null \
     | awk -F'|' -v suite="$GUEST_SUITE" '
-        $1 == "Debian" && $4 == "main" && ($3 == suite || index($3, suite "-") == 1) { print $2, $3, $4 }' \
+        $1 == "Debian" && $4 == "main" { all[$2 " " $3 " " $4] = 1; if ($3 !~ /-/) host = $3 }
+        END {
+          for (e in all) { split(e, f, " "); if (f[2] == suite || index(f[2], suite "-") == 1) { print e; found = 1 } }
+          if (found || host == "") exit
+          for (e in all) {
+            split(e, f, " ")
+            if (f[2] == host || index(f[2], host "-") == 1) print f[1], suite substr(f[2], length(host) + 1), f[3]
+          }
+        }' \
     | sort -u
 }
 
@@ -73,16 +109,20 @@ if [ -z "$sources" ]; then
   sources=$(debian_sources)
 fi
 if [ -z "$sources" ]; then
-  log "no Debian $GUEST_SUITE entry with component main in the host's apt sources (/etc/apt/sources.list*)"
+  log "no Debian entry with component main in the host's apt sources (/etc/apt/sources.list*) to take $GUEST_SUITE from"
   exit 1
 fi
 
-key=$( { cat "${BASH_SOURCE[0]}"; printf '%s\n' "${GUEST_PACKAGES[@]}"; echo "$sources"; } \
+key=$( { cat "${BASH_SOURCE[0]}"; echo "$GUEST_SUITE"; printf '%s\n' "${GUEST_PACKAGES[@]}"; echo "$sources"; } \
        | sha256sum | cut -c1-16)
-image_dir="$cache_root/$key"
+image_dir="$cache_root/$GUEST_SUITE-$key"
 
 if [ "$mode" = path ]; then
   echo "$image_dir"
+  exit 0
+fi
+if [ "$mode" = sources ]; then
+  while read -r uri suite component; do echo "deb $uri $suite $component"; done <<<"$sources"
   exit 0
 fi
 
@@ -197,13 +237,14 @@ mke2fs -q -t ext4 -L sockredir-vm -d "$rootfs" "$work/disk.raw" "${size_mib}M"
 chmod 0444 "$work/disk.raw"
 t2=$(date +%s)
 
-python3 - "$work" "$release" "$lsm" "$key" "$((t1 - t0))" "$((t2 - t1))" "$((t2 - start))" <<'EOF'
+python3 - "$work" "$GUEST_SUITE" "$release" "$lsm" "$key" "$((t1 - t0))" "$((t2 - t1))" "$((t2 - start))" <<'EOF'
 import json, sys
-work, release, lsm, key, debootstrap_s, mkfs_s, total_s = sys.argv[1:]
+work, suite, release, lsm, key, debootstrap_s, mkfs_s, total_s = sys.argv[1:]
 packages = dict(line.split(' ', 1) for line in open(work + '/packages.txt').read().splitlines())
 wanted = ['linux-image-' + release, 'linux-headers-' + release, 'linux-image-amd64',
-          'linux-headers-amd64', 'python3', 'python3-bpfcc', 'bpftool', 'openssh-server', 'systemd']
-json.dump(dict(key=key, suite='bookworm', kernel_release=release, kernel_lsm_default=lsm,
+          'linux-headers-amd64', 'python3', 'python3-bpfcc', 'libbpfcc', 'libbpf1', 'bpftool',
+          'python3-apt', 'openssh-server', 'systemd']
+json.dump(dict(key=key, suite=suite, kernel_release=release, kernel_lsm_default=lsm,
                sources=open(work + '/sources.list').read().splitlines(),
                packages={p: packages.get(p) for p in wanted},
                seconds=dict(mmdebstrap=int(debootstrap_s), mke2fs=int(mkfs_s), total=int(total_s))),
@@ -215,7 +256,7 @@ chmod 0755 "$work"
 rm -rf "$image_dir"
 mv "$work" "$image_dir"
 trap - EXIT
-# earlier keys of this image are not used any more
-find "$cache_root" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
-log "built $image_dir in $(( $(date +%s) - start )) s (kernel $release)"
+# earlier keys of this suite are not used any more (other suites' images stay)
+find "$cache_root" -mindepth 1 -maxdepth 1 -type d -name "$GUEST_SUITE-*" ! -name "$GUEST_SUITE-$key" -exec rm -rf {} +
+log "built $image_dir in $(( $(date +%s) - start )) s ($GUEST_SUITE, kernel $release)"
 echo "$image_dir"

@@ -32,6 +32,7 @@ FUNC_GET_NETNS_COOKIE = 122
 F_ALLOW_OVERRIDE = 1
 F_ALLOW_MULTI = 2
 F_REPLACE = 4
+F_QUERY_EFFECTIVE = 1  # query flag
 
 PROG_TYPE_NAMES = {PROG_TYPE_SOCK_OPS: 'sock_ops', PROG_TYPE_SK_MSG: 'sk_msg'}
 MAP_TYPE_NAMES = {1: 'hash', 2: 'array', MAP_TYPE_PERCPU_ARRAY: 'percpu_array',
@@ -181,14 +182,15 @@ def fd_kind(fd):
     return 'other'
 
 
-def prog_query(target_fd, attach_type):
-    """(attach_flags, [prog ids]) attached directly to target for attach_type."""
+def prog_query(target_fd, attach_type, query_flags=0):
+    """(attach_flags, [prog ids]) attached directly to target for attach_type (with
+    query_flags=F_QUERY_EFFECTIVE: those that run for it, inherited from ancestors too)."""
     count = 64
     while True:
         ids = (ctypes.c_uint32 * count)()
         cnt = ctypes.c_uint32(count)
         flags = ctypes.c_uint32(0)
-        rc = lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags),
+        rc = lib().bpf_prog_query(target_fd, attach_type, query_flags, ctypes.byref(flags),
                                   ctypes.cast(ids, _u32p), ctypes.byref(cnt))
         if rc == -errno.ENOSPC:
             count *= 4

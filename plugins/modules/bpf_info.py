@@ -28,12 +28,55 @@ options:
   cgroup:
     description: A cgroup v2 directory whose attached C(sock_ops) programs to report. Optional.
     type: path
+  compat:
+    description:
+      - Also return RV(compat), which socket semantics differ from plain TCP on this kernel for
+        redirected sockets (docs/compatibility.md).
+      - The checks run once per kernel release, through the programs of O(compat_object) in a
+        throwaway network namespace, pin directory and child cgroup (all removed afterwards, in a
+        few seconds), and the report is cached in C(/var/cache/ebpf-sockredir/compat-<release>.json)
+        (root only). Later runs return the cached report, until the kernel release or the object
+        changes or O(compat_refresh) is set.
+      - In check mode only a cached report is returned (RV(compat) is null without one); nothing is run.
+      - Measuring fails, naming the program ids, while C(sock_ops) programs are attached to the root of
+        the cgroup v2 hierarchy (e.g. socket redirection scoped to the whole host), since they would also
+        run for the plain TCP control. A report cached before is still returned.
+    type: bool
+    default: false
+  compat_object:
+    description:
+      - The prebuilt object whose programs the checks run (C(files/bpf/sockredir.bpf.o) of this
+        collection, copied to the host; a regular file only root can write).
+      - Needed when no report of this kernel release is cached, or with O(compat_refresh). Without
+        it, the cached report is returned whatever object it was measured with.
+    type: path
+  compat_refresh:
+    description: Run the checks again even if a report of this kernel release and object is cached.
+    type: bool
+    default: false
 seealso:
   - module: ebpf.sockredir.bpf_program
   - module: ebpf.sockredir.bpf_attach
 '''
 
 EXAMPLES = r'''
+- name: Put the collection's prebuilt object on the host (files/bpf/sockredir.bpf.o of the collection)
+  ansible.builtin.copy:
+    src: sockredir.bpf.o
+    dest: /usr/local/lib/sockredir.bpf.o
+    owner: root
+    mode: "0644"
+
+- name: Which socket semantics differ from TCP on this kernel (measured once per kernel release)
+  ebpf.sockredir.bpf_info:
+    compat: true
+    compat_object: /usr/local/lib/sockredir.bpf.o
+  register: sockredir_compat
+
+- name: Name the differences
+  ansible.builtin.debug:
+    msg: "On {{ sockredir_compat.compat.kernel }} redirected sockets differ from TCP in {{ sockredir_compat.compat.differs }}"
+
 - name: Read what is loaded and attached
   ebpf.sockredir.bpf_info:
     pin_dir: /sys/fs/bpf/sockredir
@@ -117,11 +160,31 @@ attached:
   description: C(sock_ops) programs attached directly to O(cgroup).
   returned: when cgroup is given
   type: dict
+compat:
+  description:
+    - Socket semantics of redirected sockets compared with plain TCP on this kernel, each check run
+      once with both ends redirected and once as plain TCP. Null in check mode without a cached report.
+    - C(differs) names the checks whose observations differ. Per check, C(same_as_tcp), what the
+      application observed redirected (C(redirected)) and over plain TCP (C(tcp)), C(affects) the
+      kinds of applications a difference affects, C(what) the check, and C(counters) the changes of
+      the programs' counters during the redirected run (evidence that it went through them).
+    - C(from_cache) is true when the report was read from the cache rather than measured now.
+  returned: when O(compat) is true
+  type: dict
+  sample: {"kernel": "6.18.44", "checked_at": "2026-12-01T15:59:08Z", "object_sha256": "012d...",
+           "from_cache": true, "differs": ["msg_waitall", "reset_then_send", "so_rcvlowat",
+                                           "splice_reader"],
+           "checks": {"splice_reader": {"same_as_tcp": false, "redirected": {"bytes_spliced": 0, "of": 4096},
+                                        "tcp": {"bytes_spliced": 4096, "of": 4096},
+                                        "affects": "proxies and relays that move data with splice() ...",
+                                        "what": "A reader moving the data to a pipe with splice() gets it ...",
+                                        "counters": {"redirected_bytes": 4096, "redirected_msgs": 1,
+                                                     "inserted": 2}}}}
 '''
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import facts
+from ansible_collections.ebpf.sockredir.plugins.module_utils import compat, facts
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
 
@@ -130,11 +193,17 @@ def main():
         argument_spec=dict(
             pin_dir=dict(type='path'),
             cgroup=dict(type='path'),
+            compat=dict(type='bool', default=False),
+            compat_object=dict(type='path'),
+            compat_refresh=dict(type='bool', default=False),
         ),
         supports_check_mode=True,
     )
     try:
         result = facts.execute(module.params)
+        if module.params['compat']:
+            result['compat'] = compat.report(module.params['compat_object'], module.params['compat_refresh'],
+                                             module.check_mode)
     except BpfError as e:
         module.fail_json(**e.to_fail_json())
     except OSError as e:
