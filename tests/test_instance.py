@@ -19,7 +19,7 @@ from conftest import BPFFS, bpftool_json, remove_pin_dir
 from support import engine, hostenv
 from reliability import kit
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance
+from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance, libbpf, preflight
 
 PREFIX = 'srinst'
 NOBODY = 65534
@@ -358,3 +358,51 @@ def test_role_runs_at_the_same_time_on_two_instances_and_on_one_twice(tmp_path, 
     finally:
         for role in roles:
             role.cleanup()
+
+
+# -- what the engine refuses before it changes anything (issue 12) ----------------------
+
+def assert_untouched(inst):
+    assert not os.path.exists(inst.pin_root)
+    assert inst.record() is None
+    assert inst.ops_on(inst.cgroup) == []
+
+
+def test_an_empty_cgroup_needs_the_whole_host_chosen(make):
+    """The whole host is never the default: redirected sockets differ from TCP in corners."""
+    inst = make()
+    rc, out, err = inst.run(cgroup='')
+    assert rc != 0, (out, err)
+    assert any(r.startswith('cgroup: empty, which is the whole host') and 'whole_host: true' in r
+               for r in out['refusals']), out
+    assert_untouched(inst)
+    # the root cgroup was not touched either (tests never attach there)
+    assert 'sockredir_ops' not in [p['name'] for p in facts.cgroup_attachments(hostenv.cgroup2_mount())['sock_ops']]
+
+
+def test_a_kernel_without_prog_query_on_a_sockmap_is_refused(make):
+    """5.15-5.18: sock_ops, sk_msg and the sockhash are there, BPF_PROG_QUERY on a sockmap is not."""
+    inst = make()
+    rc, out, _err = engine.run(inst.params, workdir=inst.workdir,
+                               env_extra=dict(SRTEST_FEATURES_OFF='sockmap_prog_query'))
+    assert rc != 0
+    assert any('BPF_PROG_QUERY on a sockmap' in r and '5.19' in r for r in out['refusals']), out
+    assert_untouched(inst)
+
+
+def test_a_libbpf_without_the_functions_the_engine_calls_is_refused(make):
+    """libbpf 0.x has another soname; a libbpf.so.1 lacking a function is named, not a traceback."""
+    inst = make()
+    rc, out, _err = engine.run(inst.params, workdir=inst.workdir,
+                               env_extra=dict(SRTEST_LIBBPF_MISSING='bpf_prog_attach_opts,bpf_object__open_mem'))
+    assert rc != 0
+    line = [r for r in out['refusals'] if r.startswith('libbpf:')]
+    assert line and 'bpf_prog_attach_opts, bpf_object__open_mem' in line[0] and 'libbpf 1.0' in line[0], out
+    assert_untouched(inst)
+
+
+def test_this_kernel_has_prog_query_on_a_sockmap():
+    """The probe itself, on the real kernel (6.18 here): the feature the refusal above fakes away."""
+    assert facts.features()['sockmap_prog_query'] is True
+    assert preflight.check_libbpf in preflight.PREFLIGHT  # the plan runs it
+    assert libbpf.missing_functions() == []

@@ -62,9 +62,16 @@ options:
   cgroup:
     description:
       - cgroup v2 directory to attach to, absolute or relative to the cgroup v2 mount; V("") is the cgroup v2
-        root (every process of the host). Must exist.
+        root (every process of the host), which needs O(whole_host=true). Must exist.
     type: str
     default: ''
+  whole_host:
+    description:
+      - With O(cgroup=""), redirect every TCP connection of the host. Redirected sockets differ from TCP in
+        corners (C(bpf_info) C(compat)), so the whole host is never the default; without this, an empty
+        O(cgroup) is refused with O(state=present).
+    type: bool
+    default: false
   bpffs_mount:
     description: Where bpffs is mounted (or is to be mounted, see RV(needs)).
     type: path
@@ -280,6 +287,7 @@ def main():
         state=dict(type='str', default='present', choices=['present', 'absent']),
         pin_root=dict(type='path', default='/sys/fs/bpf/sockredir'),
         cgroup=dict(type='str', default=''),
+        whole_host=dict(type='bool', default=False),
         bpffs_mount=dict(type='path', default='/sys/fs/bpf'),
         bpffs_persist=dict(type='bool', default=False),
         cgroup2_mount=dict(type='path', default=''),
