@@ -440,6 +440,14 @@ static __always_inline void sockredir_admit(struct bpf_sock_ops *skops,
 	}
 	err = sockredir_sock_insert(skops, key);
 	if (err) {
+		/*
+		 * The entry the connecting side started would stay without
+		 * a STATE callback to remove it: a full sockhash would fill
+		 * the flow map with dead entries. The accept()ing side
+		 * finds none and is not admitted either.
+		 */
+		if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+			sockredir_flow_forget(&conn);
 		sockredir_decided(err == -E2BIG ? SOCKREDIR_STAT_INSERT_FULL :
 				  SOCKREDIR_STAT_INSERT_FAILED, key);
 		return;
