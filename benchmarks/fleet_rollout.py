@@ -180,6 +180,7 @@ def canary():
     st = stats(doc)
     out['rollout_s'] = secs
     out['rollout_rc'] = proc.returncode
+    out['canary_engine_s'] = times.get(first)
     out['recap'] = {h: st[h] for h in sorted(st)}
     msgs = []
     for play in doc['plays']:
