@@ -125,8 +125,8 @@ def playbook(inventory, play, extra, more_inventory=None, tag='x'):
     try:
         doc = json.loads(proc.stdout)
     except ValueError:
-        raise SystemExit('%s: no JSON output (rc %d):\n%s\n%s' % (play, proc.returncode, proc.stdout[-3000:],
-                                                                proc.stderr[-3000:]))
+        raise SystemExit('%s: no JSON output (rc %d):\n%s\n%s'
+                         % (play, proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:]))
     return proc, secs, doc, engine_times(tfile)
 
 

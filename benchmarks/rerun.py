@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Wall time of an idempotent rerun of the role on this host, beside `ansible -m ping`.
 
 Converges the role once on a child cgroup and a pin root of its own, then times,
@@ -75,7 +74,7 @@ def main(argv=None):
             if first.returncode != 0:
                 raise SystemExit('the first run of the role failed:\n' + first.stdout[-3000:] + first.stderr[-2000:])
             samples = dict(rerun=[], ping=[])
-            for _ in range(args.rounds):
+            for _round in range(args.rounds):
                 seconds, proc = timed(role)
                 recap = RECAP.search(proc.stdout)
                 if proc.returncode != 0 or not recap or recap.group(1) != '0':

@@ -169,7 +169,8 @@ def require_root_only_code(path, param):
         raise BpfError('%s: must be an absolute path, got %r' % (param, path), param=param)
     for candidate in _chain(path):
         _require_root_only(candidate, param)
-    proc = subprocess.run([path, '-I', '-c', 'import sys, json; print(json.dumps(sys.path))'],
+    # the boot command runs this too, without an AnsibleModule (no run_command there)
+    proc = subprocess.run([path, '-I', '-c', 'import sys, json; print(json.dumps(sys.path))'],  # pylint: disable=ansible-bad-function
                           capture_output=True, text=True, timeout=30, check=False)
     if proc.returncode != 0:
         raise BpfError('%s: %s does not run (%s)' % (param, path, proc.stderr.strip()[-300:]), param=param)

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -113,5 +112,3 @@ def kill_all(runs):
         if r.proc.poll() is None:
             r.kill()
     return runs
-
-
