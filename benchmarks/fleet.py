@@ -373,8 +373,21 @@ def demo(fleet, forks):
     return out
 
 
-def leftovers(fid):
-    """Names of this fleet still present anywhere: must be [] after down()."""
+def leftovers(fid, settle=10.0):
+    """Names of this fleet still present anywhere: must be [] after down().
+
+    The kernel removes a namespace's links in a work item after `ip netns delete`
+    returns, so what is still there is looked at again for up to `settle` seconds.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        found = _present(fid)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def _present(fid):
     found = []
     found += [n for n in sh('ip', 'netns', 'list', capture=True).stdout.split() if fid in n]
     links = sh('ip', '-o', 'link', capture=True).stdout.splitlines()

@@ -303,7 +303,7 @@ def test_the_object_loader_needs_no_bcc_and_the_plan_says_so(make):
     assert_converged(a)
     assert a.record()['params']['loader'] == 'object'
     rc, data, _err = engine.run(dict(a.params, loader='bcc', sources=engine.sources()), workdir=a.workdir,
-                             hide_bcc=True)
+                                hide_bcc=True)
     assert rc == 0 and 'bcc' in data['needs']['packages'] and data['actions'] == [], data
     assert data['loader'].startswith('loader: bcc')
     assert a.record()['params']['loader'] == 'object'  # nothing changed
