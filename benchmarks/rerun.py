@@ -25,17 +25,9 @@ sys.path.insert(0, os.path.join(REPO, 'tests'))
 sys.path.insert(0, os.path.join(REPO, '.venv', 'collections'))
 
 from support import hostenv  # noqa: E402
-from support.plays import remove_pin_dir  # noqa: E402
+from support.plays import ROLE_PLAY as PLAY, remove_pin_dir  # noqa: E402
 
 BIN = os.path.join(REPO, '.venv', 'bin')
-PLAY = '''- hosts: localhost
-  connection: local
-  gather_facts: false
-  vars:
-    ansible_python_interpreter: /usr/bin/python3
-  roles:
-    - role: ebpf.sockredir.sockredir
-'''
 RECAP = re.compile(r'localhost\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0')
 
 
