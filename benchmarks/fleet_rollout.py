@@ -71,7 +71,8 @@ class CallbackModule(CallbackBase):
         start = self.started.pop(key, None)
         if start is not None:
             self.out.write(json.dumps(dict(host=key[0], task=result._task.get_name(),
-                                           secs=time.monotonic() - start)) + "\\n")
+                                           secs=time.monotonic() - start,
+                                           on_host=result._result.get('engine_seconds'))) + "\\n")
             self.out.flush()
 
     def v2_runner_on_ok(self, result, **kw):
@@ -94,14 +95,15 @@ def timing_env(tag):
                 FLEET_TIMING_OUT=out), out
 
 
-def engine_times(path):
-    """Per host, seconds of the engine task (summed if the role called it twice)."""
+def engine_times(path, field='secs'):
+    """Per host, seconds of the engine task (summed if the role called it twice): as the
+    controller sees it (secs), or the module's own engine_seconds on the host (on_host)."""
     out = {}
     with open(path) as f:
         for line in f:
             rec = json.loads(line)
-            if rec['task'].endswith(ENGINE_TASK):
-                out[rec['host']] = round(out.get(rec['host'], 0.0) + rec['secs'], 3)
+            if rec['task'].endswith(ENGINE_TASK) and rec.get(field) is not None:
+                out[rec['host']] = round(out.get(rec['host'], 0.0) + rec[field], 3)
     return out
 
 
@@ -127,7 +129,7 @@ def playbook(inventory, play, extra, more_inventory=None, tag='x'):
     except ValueError:
         raise SystemExit('%s: no JSON output (rc %d):\n%s\n%s'
                          % (play, proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:]))
-    return proc, secs, doc, engine_times(tfile)
+    return proc, secs, doc, (engine_times(tfile), engine_times(tfile, 'on_host'))
 
 
 def measure(loader):
@@ -156,8 +158,10 @@ def measure(loader):
         if label == 'rerun' and any(st[h]['changed'] for h in st):
             problems.append('rerun: hosts changed: %s' % [h for h in st if st[h]['changed']])
         if label != 'remove':
-            out[label + '_engine'] = summary(times)
-            out[label + '_engine_per_host'] = times
+            out[label + '_engine'] = summary(times[0])
+            out[label + '_engine_per_host'] = times[0]
+            out[label + '_engine_on_host'] = summary(times[1])
+            out[label + '_engine_on_host_per_host'] = times[1]
     out['rerun_over_ping'] = round(out['rerun_s'] / out['ping_s'], 2)
     out['load_after'] = loadavg()
     out['problems'] = problems
@@ -180,7 +184,7 @@ def canary():
     st = stats(doc)
     out['rollout_s'] = secs
     out['rollout_rc'] = proc.returncode
-    out['canary_engine_s'] = times.get(first)
+    out['canary_engine_s'] = times[0].get(first)
     out['recap'] = {h: st[h] for h in sorted(st)}
     msgs = []
     for play in doc['plays']:

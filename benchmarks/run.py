@@ -545,7 +545,9 @@ def redirect_proof(sample, pairs, size, small_streak):
             redirected_bytes_match=abs(c['redirected_bytes'] - moved) <= PROOF_TOLERANCE * moved,
             nothing_passed=c['passed_bytes'] <= PROOF_TOLERANCE * moved,
             sockets_inserted=c['inserted'] >= 2 * pairs,
-            nothing_demoted_or_removed=c['demoted_small_writes'] == 0 and c['removed'] == 0,
+            # a client leaves the map at its shutdown(SHUT_WR) if nothing was redirected into it
+            nothing_demoted=c['demoted_small_writes'] == 0,
+            removed_at_most_at_shutdown=c['removed'] <= pairs,
             no_other_decision=no_other_decision,
             lo_packets_within_budget=lo <= lo_budget,
         ),
