@@ -121,7 +121,7 @@ def one_connection(family, address, mib):
         reader.join(TIMEOUT)
         echo_received, echo_bytes = echo.get('received', (None, 0))
         client.shutdown(socket.SHUT_WR)
-        _, trailing = receive_all(client)     # then EOF, with nothing more
+        trailing = receive_all(client)[1]     # then EOF, with nothing more
         echo_bytes += trailing
     thread.join(TIMEOUT)
     listener.close()
