@@ -116,7 +116,7 @@ REMOTE_CLIENT_ADDR, REMOTE_SERVER_ADDR = '10.211.0.1', '10.211.0.2'
 
 # The programs' small-write policy (files/bpf/sockredir.h): defaults when the
 # pinned sockredir_cfg map holds zero.
-DEFAULT_SMALL_BYTES = 32768
+DEFAULT_SMALL_BYTES = 4294967295
 DEFAULT_SMALL_STREAK = 16
 
 # The redirect proof. Per connection the loopback device still carries the

@@ -92,7 +92,7 @@ def test_every_redirect_sample_proves_the_path_the_programs_chose(quick):
     result = quick['result']
     # the default: the prebuilt object, the programs' own small-write policy
     assert result['build'] == 'object'
-    assert result['small_write_policy'] == dict(small_bytes=32768, small_streak=16, set_by_run=False)
+    assert result['small_write_policy'] == dict(small_bytes=0xffffffff, small_streak=16, set_by_run=False)
     redirect = [c for c in result['cells'] if c['path'] == 'redirect']
     assert redirect
     taken = set()

@@ -10,7 +10,11 @@ sock_ops program attached there sees them), unshares a new network namespace
 (127.0.0.1) and IPv6 (::1) opens one connection, sends MIB MiB of random data
 each way at the same time (full duplex: each side reads while it writes, and
 the client shuts down its sending side only after it received everything)
-and checks both ends' SHA-256. (A reply that starts after the client's
+and checks both ends' SHA-256. A one-byte hello goes each way first: a
+direction that streams 16 sends without receiving anything switches to TCP
+(the programs' default small-write policy counts every size), and a socket
+that has received redirected bytes never does, so with the hello both
+directions stay redirected. (A reply that starts after the client's
 shutdown(SHUT_WR) goes TCP by design: docs/design.md, "The path of a flow".)
 Prints one JSON object:
 
@@ -103,6 +107,9 @@ def one_connection(family, address, mib):
         conn = listener.accept()[0]
         conn.settimeout(TIMEOUT)
         with conn:
+            if conn.recv(1) != b'h':
+                raise RuntimeError('no hello from the client')
+            conn.sendall(b'h')
             sender = in_background(server, 'echo_sent', send_random, conn, mib)
             server['received'], server['bytes'] = receive_all(conn)
             sender.join(TIMEOUT)
@@ -115,6 +122,9 @@ def one_connection(family, address, mib):
     client.settimeout(TIMEOUT)
     client.connect((address, port))
     with client:
+        client.sendall(b'h')
+        if client.recv(1) != b'h':
+            raise RuntimeError('no hello from the server')
         echo = {}
         reader = in_background(echo, 'received', receive_all, client, mib * CHUNK)
         sent = send_random(client, mib)
