@@ -18,7 +18,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 installed="$(mktemp -d /tmp/ebpf-sockredir-installed.XXXXXX)"
 trap 'rm -rf "$installed"' EXIT
 ansible-galaxy collection build --output-path "$installed" .
-ansible-galaxy collection install --no-deps -p "$installed/collections" "$installed"/ebpf-sockredir-*.tar.gz
+# --force: the checkout is on ANSIBLE_COLLECTIONS_PATH above and would count as installed already
+ansible-galaxy collection install --no-deps --force -p "$installed/collections" "$installed"/ebpf-sockredir-*.tar.gz
 (
   cd "$installed/collections/ansible_collections/ebpf/sockredir"
   export ANSIBLE_COLLECTIONS_PATH="$installed/collections"
