@@ -141,7 +141,7 @@ options:
     type: bool
     default: false
   small_write_bytes:
-    description: A send smaller than this counts towards a one-way streak; V(0) is the program's default (4294967295: every send counts).
+    description: A send smaller than this counts towards a one-way streak; V(0) is the program's default (4294967295, so every send counts).
     type: int
     default: 0
   small_write_streak:
