@@ -487,6 +487,19 @@ removable:
 }
 
 /*
+ * Take the socket out of the sockhash (its psock goes: plain TCP again) and
+ * keep only the STATE callback, for the clean-up at close.
+ */
+static __always_inline void sockredir_leave(struct bpf_sock_ops *skops,
+					    struct sockredir_key *key, __u32 *flags)
+{
+	if (!sockredir_sock_remove(key))
+		sockredir_decided(SOCKREDIR_STAT_REMOVED, key);
+	*flags &= ~(SOCKREDIR_FLOW_REMOVE | SOCKREDIR_FLOW_ADMITTED);
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/*
  * An ACK for a socket of ours: if it sends over TCP, it should leave the
  * map (its sends skip the sk_msg copy; its blocking reads can no longer see
  * the spurious EAGAIN of a socket in a sockhash fed by TCP). Deleting drops
@@ -515,10 +528,7 @@ static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
 		    !sockredir_ingress_empty(skops))
 			return;	/* ask again at the next ACK */
 	}
-	if (!sockredir_sock_remove(key))
-		sockredir_decided(SOCKREDIR_STAT_REMOVED, key);
-	flow->flags[side] &= ~(SOCKREDIR_FLOW_REMOVE | SOCKREDIR_FLOW_ADMITTED);
-	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	sockredir_leave(skops, key, &flow->flags[side]);
 }
 
 /*
@@ -534,7 +544,8 @@ static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
  * reply then arrives with the ACK, and the socket leaves at an ACK once its
  * redirected queue is empty (sockredir_on_ack).
  */
-static __always_inline void sockredir_on_shutdown(struct sockredir_key *key)
+static __always_inline void sockredir_on_shutdown(struct bpf_sock_ops *skops,
+						  struct sockredir_key *key)
 {
 	struct sockredir_key conn = {};
 	int side = sockredir_flow_key(key, &conn) & 1;
@@ -543,9 +554,7 @@ static __always_inline void sockredir_on_shutdown(struct sockredir_key *key)
 	if (!flow || !(flow->flags[side] & SOCKREDIR_FLOW_ADMITTED))
 		return;
 	if (sockredir_go_tcp(&flow->flags[side], key)) {
-		if (!sockredir_sock_remove(key))
-			sockredir_decided(SOCKREDIR_STAT_REMOVED, key);
-		flow->flags[side] &= ~(SOCKREDIR_FLOW_REMOVE | SOCKREDIR_FLOW_ADMITTED);
+		sockredir_leave(skops, key, &flow->flags[side]);
 		return;
 	}
 	/*
@@ -588,7 +597,7 @@ int sockredir_ops(struct bpf_sock_ops *skops)
 		if (skops->args[1] == BPF_TCP_CLOSE && !sockredir_ops_key(skops, &key))
 			sockredir_forget(&key);
 		else if (skops->args[1] == BPF_TCP_FIN_WAIT1 && !sockredir_ops_key(skops, &key))
-			sockredir_on_shutdown(&key);
+			sockredir_on_shutdown(skops, &key);
 		break;
 	}
 	/* cgroup programs report success with 1; 0 would mean -EPERM */
