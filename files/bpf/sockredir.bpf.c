@@ -145,8 +145,8 @@ static __always_inline void sockredir_trace(__u32 stat, __u32 instance, const st
 		bpf_trace_printk("sockredir %x %u>%u to tcp: peer absent\n", instance, l, r); break;
 	case SOCKREDIR_STAT_REMOVED:
 		bpf_trace_printk("sockredir %x %u>%u left the sockhash\n", instance, l, r); break;
-	case SOCKREDIR_STAT_DEMOTION_REFUSED:
-		bpf_trace_printk("sockredir %x %u>%u small writes stay redirected\n", instance, l, r); break;
+	case SOCKREDIR_STAT_DEMOTED_BOTH_WAYS:
+		bpf_trace_printk("sockredir %x %u>%u to tcp both ways: small writes\n", instance, l, r); break;
 	}
 }
 #else
@@ -487,6 +487,18 @@ removable:
 }
 
 /*
+ * Switch the peer's direction to TCP (redirect -> TCP keeps the order). Not
+ * atomic (no 32-bit atomics before -mcpu=v3): the peer's sk_msg may write
+ * its flags at the same moment and undo this. Then it just keeps
+ * redirecting, and this socket stays in the map (sockredir_on_ack waits for
+ * the peer's TCP flag): slower, never out of order.
+ */
+static __always_inline void sockredir_peer_go_tcp(struct sockredir_flow *flow, int side)
+{
+	flow->flags[side ^ 1] |= SOCKREDIR_FLOW_TCP;
+}
+
+/*
  * Take the socket out of the sockhash (its psock goes: plain TCP again) and
  * keep only the STATE callback, for the clean-up at close.
  */
@@ -557,12 +569,7 @@ static __always_inline void sockredir_on_shutdown(struct bpf_sock_ops *skops,
 		sockredir_leave(skops, key, &flow->flags[side]);
 		return;
 	}
-	/*
-	 * Not atomic (no 32-bit atomics before -mcpu=v3): the peer's sk_msg
-	 * may write its flags at the same moment and undo this. Then it just
-	 * keeps redirecting, as it would have without this line.
-	 */
-	flow->flags[side ^ 1] |= SOCKREDIR_FLOW_TCP;
+	sockredir_peer_go_tcp(flow, side);
 }
 
 static __always_inline void sockredir_forget(struct sockredir_key *key)
@@ -666,21 +673,27 @@ int sockredir_msg(struct sk_msg_md *msg)
 	small_streak = cfg && cfg->small_streak ? cfg->small_streak : SOCKREDIR_SMALL_STREAK;
 	if (size >= small_bytes) {
 		*streak = 0;
-	} else if (++*streak >= small_streak && SOCKREDIR_SEES_INGRESS &&
-		   !(*flags & SOCKREDIR_FLOW_KEEP)) {
+	} else if (++*streak >= small_streak && SOCKREDIR_SEES_INGRESS) {
 		/*
-		 * A stream of small writes: TCP coalesces them, a redirect
-		 * pays a wake-up each. Only if the socket can leave the map
-		 * (a TCP sender left in it pays the sk_msg copy and can see
-		 * spurious EAGAIN on blocking reads).
+		 * A one-way stream: TCP coalesces its writes, a redirect pays
+		 * a wake-up each (and on some kernels is slower than loopback
+		 * for large ones). A socket that nothing was redirected into
+		 * closes its gate and goes TCP alone; it leaves the map at its
+		 * next ACK. One that received redirected bytes cannot leave
+		 * yet (they may wait in its queue), and a TCP sender left in
+		 * the map pays the sk_msg copy: the whole connection goes TCP
+		 * (redirect -> TCP keeps the order each way), and each socket
+		 * leaves the map at an ACK once its queue is drained
+		 * (sockredir_on_ack).
 		 */
 		if (sockredir_may_leave(&own) && sockredir_go_tcp(flags, &own)) {
 			sockredir_decided(SOCKREDIR_STAT_DEMOTED_SMALL_WRITES, &own);
 			return sockredir_pass(size);
 		}
-		*flags &= ~SOCKREDIR_FLOW_TCP;
-		*flags |= SOCKREDIR_FLOW_KEEP;
-		sockredir_decided(SOCKREDIR_STAT_DEMOTION_REFUSED, &own);
+		*flags |= SOCKREDIR_FLOW_TCP;
+		sockredir_peer_go_tcp(flow, side);
+		sockredir_decided(SOCKREDIR_STAT_DEMOTED_BOTH_WAYS, &own);
+		return sockredir_pass(size);
 	}
 
 	if (!(*flags & SOCKREDIR_FLOW_PEER_GATE_OPEN)) {
