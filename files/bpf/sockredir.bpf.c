@@ -474,7 +474,7 @@ static __always_inline int sockredir_go_tcp(__u32 *flags, struct sockredir_key *
 	__u32 closed = SOCKREDIR_GATE_CLOSED;
 	__u32 *gate;
 
-	*flags |= SOCKREDIR_FLOW_TCP;
+	*flags |= SOCKREDIR_FLOW_TCP | SOCKREDIR_FLOW_TCP_SEEN;
 	if (!sockredir_gate_set(own, &closed))
 		goto removable;
 	gate = sockredir_gate_get(own);
@@ -487,11 +487,15 @@ removable:
 }
 
 /*
- * Switch the peer's direction to TCP (redirect -> TCP keeps the order). Not
- * atomic (no 32-bit atomics before -mcpu=v3): the peer's sk_msg may write
- * its flags at the same moment and undo this. Then it just keeps
- * redirecting, and this socket stays in the map (sockredir_on_ack waits for
- * the peer's TCP flag): slower, never out of order.
+ * Switch the peer's direction to TCP (redirect -> TCP keeps the order). Its
+ * sk_msg may be redirecting into us at this moment (the redirect completes
+ * after the verdict, outside its socket lock): only its own next send, which
+ * sees the flag and sets SOCKREDIR_FLOW_TCP_SEEN, tells that none is in
+ * flight any more, and this socket leaves the map no earlier
+ * (sockredir_on_ack). Not atomic (no 32-bit atomics before -mcpu=v3): the
+ * peer's sk_msg may write its flags at the same moment and undo this. Then it
+ * just keeps redirecting, and this socket stays in the map: slower, never out
+ * of order, nothing lost.
  */
 static __always_inline void sockredir_peer_go_tcp(struct sockredir_flow *flow, int side)
 {
@@ -517,7 +521,8 @@ static __always_inline void sockredir_leave(struct bpf_sock_ops *skops,
  * the spurious EAGAIN of a socket in a sockhash fed by TCP). Deleting drops
  * the socket's unread redirected bytes, so only when it has none and will
  * get none: its gate was closed before anything was redirected into it, or
- * its peer redirects no more and its queue is empty.
+ * its peer has sent over TCP since its direction switched (so no redirect of
+ * it is in flight, SOCKREDIR_FLOW_TCP_SEEN) and its queue is empty.
  */
 static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
 					     struct sockredir_key *key)
@@ -536,7 +541,7 @@ static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 			return;
 		}
-		if (((peer & SOCKREDIR_FLOW_ADMITTED) && !(peer & SOCKREDIR_FLOW_TCP)) ||
+		if (((peer & SOCKREDIR_FLOW_ADMITTED) && !(peer & SOCKREDIR_FLOW_TCP_SEEN)) ||
 		    !sockredir_ingress_empty(skops))
 			return;	/* ask again at the next ACK */
 	}
@@ -665,8 +670,11 @@ int sockredir_msg(struct sk_msg_md *msg)
 	 * SK_PASS without a redirect target sends the data the normal TCP way
 	 * (SK_DROP would fail the sendmsg() with EACCES).
 	 */
-	if (*flags & SOCKREDIR_FLOW_TCP)
+	if (*flags & SOCKREDIR_FLOW_TCP) {
+		/* set by the peer (sockredir_peer_go_tcp): tell it we saw it */
+		*flags |= SOCKREDIR_FLOW_TCP_SEEN;
 		return sockredir_pass(size);
+	}
 
 	cfg = sockredir_settings_get();
 	small_bytes = cfg && cfg->small_bytes ? cfg->small_bytes : SOCKREDIR_SMALL_BYTES;
@@ -690,7 +698,7 @@ int sockredir_msg(struct sk_msg_md *msg)
 			sockredir_decided(SOCKREDIR_STAT_DEMOTED_SMALL_WRITES, &own);
 			return sockredir_pass(size);
 		}
-		*flags |= SOCKREDIR_FLOW_TCP;
+		*flags |= SOCKREDIR_FLOW_TCP | SOCKREDIR_FLOW_TCP_SEEN;
 		sockredir_peer_go_tcp(flow, side);
 		sockredir_decided(SOCKREDIR_STAT_DEMOTED_BOTH_WAYS, &own);
 		return sockredir_pass(size);

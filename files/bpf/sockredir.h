@@ -109,6 +109,8 @@ enum sockredir_stat {
 #define SOCKREDIR_FLOW_TCP		(1U << 1)	/* its sends go TCP, for good */
 #define SOCKREDIR_FLOW_REMOVE		(1U << 2)	/* leave the sockhash at the next ACK */
 #define SOCKREDIR_FLOW_PEER_GATE_OPEN	(1U << 3)	/* the peer's receive gate is open to us */
+/* (1U << 4) was "never demote" up to 0.2.0: unused, so that flows of a loaded older version mean nothing new */
+#define SOCKREDIR_FLOW_TCP_SEEN		(1U << 5)	/* its own sk_msg has sent over TCP since: none of its redirects is in flight */
 
 struct sockredir_flow {
 	__u32 flags[2];
