@@ -90,8 +90,8 @@ def test_no_headers_names_the_packages_to_install(tmp_path):
 
 
 def _kheaders_archive(tmp_path):
-    """A stand-in for /sys/kernel/kheaders.tar.xz (this host's kernel has no CONFIG_IKHEADERS;
-    the real archive is unpacked and compiled against in molecule/vm's Debian 12 guest)."""
+    """A stand-in for /sys/kernel/kheaders.tar.xz: no kernel available here has CONFIG_IKHEADERS
+    (this host's, Debian's 6.1: not set; molecule/vm's Debian 12 guest checks the refusal)."""
     tree = _tree(tmp_path, 'kh', 'include', 'generated', 'uapi')
     open(os.path.join(tree, 'version.h'), 'w').close()
     archive = str(tmp_path / 'kheaders.tar.xz')
