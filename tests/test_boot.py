@@ -3,13 +3,13 @@
 PID 1 here is not systemd, so the unit cannot be started with systemctl. The
 test does what a reboot and systemd would do instead: converge the role with
 sockredir_boot_persist on a child cgroup and a private bpffs, then drop all
-kernel state by hand (detach with bpftool, unmount the bpffs, empty /run's
-record: what a reboot loses), parse the installed unit file and run its
+kernel state by hand (detach with bpftool, unmount the bpffs: what a reboot
+loses; the instance's record in /var/lib stays), parse the installed unit file and run its
 ExecStartPre= and ExecStart= commands in order, as root, in systemd's
 environment. bpftool is the witness that the programs are pinned and attached
 again, and a transfer in the cgroup shows the bytes redirected. A second
-converge then changes nothing (the boot used the role's engine and
-parameters), and state=absent removes the unit, the specs and the engine.
+converge then changes nothing (the boot made the role's own engine call with
+the role's parameters), and state=absent removes the unit and the engine.
 """
 
 import json
@@ -25,11 +25,10 @@ import yaml
 from conftest import COLLECTIONS, PlayResult, REPO, VENV_BIN, bpftool_json
 from support import hostenv
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance
 
 UNIT = '/etc/systemd/system/ebpf-sockredir.service'
 WANTS = '/etc/systemd/system/multi-user.target.wants/ebpf-sockredir.service'
-SPEC_DIR = '/etc/ebpf-sockredir/boot.d'
 LIB = '/usr/local/lib/ebpf-sockredir'
 ENGINE = os.path.join(LIB, 'ansible_collections/ebpf/sockredir/plugins/module_utils')
 CLI = os.path.join(REPO, 'files', 'boot', 'sockredir-apply.py')
@@ -115,21 +114,25 @@ def pinned(path):
 
 
 def our_boot_files():
-    return [p for p in (UNIT, WANTS, SPEC_DIR, LIB, os.path.dirname(SPEC_DIR)) if os.path.lexists(p)]
+    return [p for p in (UNIT, WANTS, LIB) if os.path.lexists(p)]
+
+
+def boot_records():
+    return {path: r for path, r in instance.all_records().items() if r and r.get('params', {}).get('boot')}
 
 
 @pytest.fixture
 def boot_instance(tmp_path, cgroup):
     """Role variables for a persisted instance on a private bpffs; everything removed afterwards."""
-    if os.path.isdir(SPEC_DIR) and os.listdir(SPEC_DIR):
-        pytest.skip('this host persists sockredir instances of its own (%s): not touching them' % SPEC_DIR)
+    if boot_records():
+        pytest.skip('this host persists sockredir instances of its own (%s): not touching them'
+                    % ', '.join(boot_records()))
     had_boot_files = our_boot_files()
     root = '/run/srboot-%s' % secrets.token_hex(4)
     role_vars = dict(sockredir_cgroup=cgroup,
                      sockredir_bpffs_mount=root + '/bpf',
                      sockredir_pin_root=root + '/bpf/sockredir',
                      sockredir_src_dir=str(tmp_path / 'src'),
-                     sockredir_map_size=1024,
                      sockredir_install_packages=False,
                      sockredir_boot_persist=True)
     yield role_vars
@@ -140,7 +143,7 @@ def boot_instance(tmp_path, cgroup):
     if is_mountpoint(root + '/bpf'):
         subprocess.run(['umount', root + '/bpf'], check=False)
     shutil.rmtree(root, ignore_errors=True)
-    record = program.record_path(role_vars['sockredir_pin_root'])
+    record = instance.record_path(role_vars['sockredir_pin_root'])
     if os.path.exists(record):
         os.unlink(record)
     if not had_boot_files:
@@ -159,23 +162,20 @@ def test_the_boot_unit_brings_redirection_back_after_a_reboot(tmp_path, boot_ins
     first = run_role(tmp_path, boot_instance, 'converge')
     assert first.rc == 0, first
     assert os.path.isfile(UNIT) and os.path.islink(WANTS), 'unit not installed and enabled'
-    specs = [os.path.join(SPEC_DIR, n) for n in os.listdir(SPEC_DIR)]
-    assert len(specs) == 1
-    with open(specs[0]) as f:
-        spec = json.load(f)
-    assert spec['pin_root'] == pin_root and spec['cgroup'] == cgroup
-    assert os.path.isfile(os.path.join(ENGINE, 'program.py'))
+    records = list(boot_records().values())
+    assert len(records) == 1
+    assert records[0]['params']['pin_root'] == pin_root and records[0]['params']['cgroup'] == cgroup
+    assert os.path.isfile(os.path.join(ENGINE, 'instance.py'))
     if shutil.which('systemd-analyze'):   # works without a running systemd
         verify = subprocess.run(['systemd-analyze', 'verify', UNIT], capture_output=True, text=True, check=False)
         assert verify.returncode == 0 and not verify.stdout + verify.stderr, verify
     before = {name: pinned(os.path.join(pin_root, name))['id'] for name in ('sockredir_ops', 'sockredir_msg')}
 
-    # what a reboot loses: attachments, pins (the bpffs mount itself) and /run
+    # what a reboot loses: attachments and pins (the bpffs mount itself)
     for prog in attached_to_cgroup(cgroup):
         subprocess.run(['bpftool', 'cgroup', 'detach', cgroup, 'sock_ops', 'id', str(prog['id'])], check=True)
     subprocess.run(['umount', bpffs], check=True)
     os.rmdir(bpffs)
-    os.unlink(program.record_path(pin_root))
     assert not attached_to_cgroup(cgroup)
     hostenv._wait_until(lambda: not set(before.values()) & {p['id'] for p in bpftool_json('prog', 'show')},
                         10.0, 'the kernel to free the programs')
@@ -190,7 +190,7 @@ def test_the_boot_unit_brings_redirection_back_after_a_reboot(tmp_path, boot_ins
     assert [p['id'] for p in attached_to_cgroup(cgroup)] == [ops['id']]
     info = facts.pin_dir_facts(pin_root)
     assert info['maps']['sockredir_hash']['msg_verdict']['id'] == msg['id'], info['maps']
-    assert 'loaded and pinned' in outputs[-1][1].stdout, outputs[-1][1].stdout
+    assert 'load and pin' in outputs[-1][1].stdout, outputs[-1][1].stdout
 
     with hostenv.netns('srboot') as ns:
         result = hostenv.transfer(cgroup, ns, '127.0.0.1', '127.0.0.1', 0, MIB, seed=5)
@@ -239,26 +239,22 @@ def test_the_boot_command_needs_nothing_of_ansible(tmp_path):
     assert 'nothing to do' in done.stdout
 
 
-def test_a_broken_spec_fails_naming_it_and_the_others_still_run(tmp_path):
+def test_a_broken_record_fails_naming_it_and_the_others_still_run(tmp_path):
     cli = engine_copy(tmp_path)
-    specs = tmp_path / 'specs'
-    specs.mkdir()
-    base = dict(format=1, bpffs_mount='/sys/fs/bpf', cgroup='/sys/fs/cgroup',
-                bpf_program=dict(state='present', src='/nonexistent.c', pin_dir='/tmp/not-bpffs/x',
-                                 programs=[dict(name='sockredir_ops', type='sock_ops')], maps=[], defines={},
-                                 include_dirs=None, kernel_headers='auto',
-                                 headers_cache='/var/cache/ebpf-sockredir/kernel-headers', recreate_maps=False),
-                bpf_attach=[])
-    (specs / 'a.json').write_text(json.dumps(dict(base, pin_root='/tmp/not-bpffs/x')))
-    (specs / 'b.json').write_text(json.dumps(dict(base, pin_root='/tmp/not-bpffs/y',
-                                                  bpf_program=dict(base['bpf_program'], pin_dir='/tmp/not-bpffs/y'))))
-    done = apply(cli, '--check', str(specs))
+    records = tmp_path / 'records'
+    records.mkdir()
+    for name in ('x', 'y'):
+        params = dict(pin_root='/tmp/not-bpffs/%s' % name, cgroup='/sys/fs/cgroup', src_dir=str(tmp_path / 'src'),
+                      boot=True)
+        (records / ('%s.json' % name)).write_text(json.dumps(dict(format=instance.RECORD_FORMAT, params=params)))
+    done = apply(cli, '--check', str(records))
     assert done.returncode == 1, done
     for name in ('x', 'y'):   # both were tried, each failure names its pin root and parameter
-        assert '/tmp/not-bpffs/%s: FAILED: pin_dir must be below a mounted bpffs' % name in done.stderr, done.stderr
-    (specs / 'c.json').write_text('{"format": 99}')
-    done = apply(cli, str(specs / 'c.json'))
-    assert done.returncode == 2 and 'not a sockredir boot spec' in done.stderr, done
+        assert '/tmp/not-bpffs/%s: FAILED: pin_root: /tmp/not-bpffs/%s must be a directory below bpffs_mount' \
+            % (name, name) in done.stderr, done.stderr
+    (records / 'c.json').write_text('{"format": 99}')
+    done = apply(cli, str(records / 'c.json'))
+    assert done.returncode == 2 and 'not a sockredir instance record' in done.stderr, done
 
 
 def doc_options(module):
@@ -267,16 +263,8 @@ def doc_options(module):
     return yaml.safe_load(source.split("DOCUMENTATION = r'''", 1)[1].split("'''", 1)[0])['options']
 
 
-def test_the_spec_gives_the_engine_every_option_of_the_modules():
-    """The engine gets params as the modules would: a new module option must reach the spec too."""
-    with open(os.path.join(REPO, 'roles', 'sockredir', 'tasks', 'boot.yml')) as f:
-        tasks = yaml.safe_load(f)
-    install = next(t for t in tasks if t['name'] == 'Install the boot unit for this pin root')
-    spec = next(t for t in install['block'] if t['name'] == 'Write the spec of this pin root')['vars']['__spec']
-    program_options = doc_options('bpf_program')
-    assert sorted(spec['bpf_program']) == sorted(program_options)
-    for params in spec['bpf_attach']:
-        assert sorted(params) == sorted(doc_options('bpf_attach'))
-    with open(os.path.join(REPO, 'roles', 'sockredir', 'vars', 'main.yml')) as f:
-        role_vars = yaml.safe_load(f)
-    assert role_vars['__sockredir_headers_cache'] == program_options['headers_cache']['default']
+def test_the_record_keeps_every_option_a_boot_needs():
+    """A new option of sockredir_instance must either reach the record (and so the boot) or be
+    named here as one a boot does without."""
+    per_run = {'state', 'sources', 'object_b64', 'mounted', 'lock_timeout', 'bpffs_persist', 'cgroup2_mount'}
+    assert sorted(set(doc_options('sockredir_instance')) - per_run) == sorted(instance.BOOT_PARAMS)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO, VENV_BIN
 
-MODULES = ['bpf_program', 'bpf_attach', 'bpf_info']
+MODULES = ['bpf_program', 'bpf_attach', 'bpf_info', 'sockredir_instance']
 
 
 @pytest.fixture(scope='module')

@@ -113,7 +113,7 @@ def test_reshaped_pinned_map_fails_or_is_recreated(play, pin_dir):
         refused = play([load(pin_dir)], *args)
         assert refused.rc != 0
         msg = refused.tasks['load']['msg']
-        assert 'test_config' in msg and 'value 16' in msg and 'value 8' in msg and 'recreate_maps' in msg
+        assert 'test_config' in msg and 'value size 16' in msg and 'value size 8' in msg and 'recreate_maps' in msg
         assert sorted(os.listdir(pin_dir)) == ['test_config']
 
     check = play([load(pin_dir, recreate_maps=True)], '--check')

@@ -36,7 +36,7 @@ from test_boot import run_role
 OUTPUT = os.path.join(REPO, 'tests', 'output')
 TEST_HOME = os.path.join(OUTPUT, '.ansible-test-home')
 COMPAT = os.path.join(OUTPUT, 'compat')
-MODULES = ['bpf_program', 'bpf_attach', 'bpf_info']
+MODULES = ['bpf_program', 'bpf_attach', 'bpf_info', 'sockredir_instance']
 
 
 def pyenv_python(version):

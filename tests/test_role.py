@@ -109,18 +109,18 @@ def test_a_wrong_variable_fails_with_its_name(tmp_path, ansible_env, name, value
 def test_preflight_reports_every_problem_at_once(tmp_path, ansible_env):
     bad = dict(sockredir_pin_root='/tmp/not-on-bpffs',
                sockredir_allow_ports=[0, 80, 70000],
-               sockredir_deny_ports=list(range(1000, 1065)),
+               sockredir_deny_ports=list(range(1000, 2030)),
                sockredir_cgroup='app/../../escape',
                sockredir_map_size=0,
                sockredir_install_packages=False)
     rc, out = run(write_play(tmp_path, bad), ansible_env)
     assert rc != 0, out
     assert 'sockredir cannot run on localhost, nothing was changed' in out, out
-    for expected in ('sockredir_pin_root: /tmp/not-on-bpffs must be a directory below sockredir_bpffs_mount',
+    for expected in ('sockredir_pin_root: /tmp/not-on-bpffs must be a directory below bpffs_mount (/sys/fs/bpf)',
                      'ports must be 1-65535, got 0, 70000',
-                     'sockredir_deny_ports: at most 64 ports are compiled in, got 65',
+                     'sockredir_allow_ports/sockredir_deny_ports: at most 1024 ports in all (the size of the sockredir_ports map), got 1033',
                      'sockredir_cgroup: app/../../escape must not contain ".."',
                      'sockredir_map_size: must be 1-134217728 (the largest sockhash the kernel creates), got 0'):
         assert expected in out, out
     # the failure comes before the first task that could change anything
-    assert 'Install bcc' not in out and 'Mount bpffs' not in out, out
+    assert 'Install what the loader needs' not in out and 'TASK [ebpf.sockredir.sockredir : Mount]' not in out, out

@@ -30,24 +30,51 @@ TARGET_OF = {'sock_ops': 'cgroup', 'sk_msg': 'map'}
 
 
 class Attachment(object):
-    def __init__(self, program, cgroup=None, map_pin=None):
+    """One program and its target. opened: {directory: pins.PinDir} the caller holds open
+    already (the instance engine); recorded_id: the id recorded for the program pin, used
+    only when the pin is gone (default: bpf_program's record)."""
+
+    def __init__(self, program, cgroup=None, map_pin=None, opened=None, recorded_id=None):
         if (cgroup is None) == (map_pin is None):
             raise BpfError('exactly one of cgroup and map must be given', param='cgroup')
-        self.program = mounts.require_bpffs(program, 'program')
-        mounts.require_private_dir(os.path.dirname(self.program), 'program')
+        self._opened = dict(opened or {})
+        self._own = []
+        self._recorded = recorded_id
+        try:
+            self._setup(program, cgroup, map_pin)
+        except BaseException:
+            self.close()
+            raise
+
+    def _dir(self, path, param):
+        if path not in self._opened:
+            self._opened[path] = pins.PinDir(path, param)
+            self._own.append(self._opened[path])
+        return self._opened[path]
+
+    def close(self):
+        for d in self._own:
+            d.close()
+        self._own = []
+
+    def _setup(self, program, cgroup, map_pin):
+        self.program = mounts.require_normalized(program, 'program')
+        self.prog_dir = self._dir(os.path.dirname(self.program), 'program')
+        self.prog_name = os.path.basename(self.program)
         if cgroup is not None:
             self.target_kind, self.target = 'cgroup', mounts.require_cgroup2_dir(cgroup, 'cgroup')
         else:
-            self.target_kind, self.target = 'map', mounts.require_bpffs(map_pin, 'map')
-            mounts.require_private_dir(os.path.dirname(self.target), 'map')
-            found = pins.require_kind(self.target, 'map', 'map')
+            self.target_kind, self.target = 'map', mounts.require_normalized(map_pin, 'map')
+            self.map_dir = self._dir(os.path.dirname(self.target), 'map')
+            self.map_name = os.path.basename(self.target)
+            found = self.map_dir.require_kind(self.map_name, 'map', 'map')
             if found is None:
                 raise BpfError('map: nothing is pinned at %s; load the programs first '
                                '(ebpf.sockredir.bpf_program)' % self.target, param='map')
             if found['type'] not in ('sockhash', 'sockmap'):
                 raise BpfError('map: %s is a %s map, expected a sockhash or sockmap'
                                % (self.target, found['type']), param='map')
-        self.pinned = pins.require_kind(self.program, 'prog', 'program')
+        self.pinned = self.prog_dir.require_kind(self.prog_name, 'prog', 'program')
         if self.pinned is not None:
             want = TARGET_OF.get(self.pinned['type'])
             if want is None:
@@ -65,7 +92,7 @@ class Attachment(object):
     def _open_target(self):
         if self.target_kind == 'cgroup':
             return os.open(self.target, os.O_RDONLY | os.O_DIRECTORY)
-        return libbpf.obj_get(self.target)
+        return libbpf.obj_get(self.map_dir.at(self.map_name))
 
     def attached(self):
         """[prog info] attached directly to the target for our attach type."""
@@ -80,10 +107,12 @@ class Attachment(object):
                 raise
 
     def _recorded_id(self):
-        """The id bpf_program recorded for this pin, if any (used only when the pin is gone)."""
+        """The id recorded for this pin, if any (used only when the pin is gone)."""
+        if self._recorded is not None:
+            return self._recorded
         from ansible_collections.ebpf.sockredir.plugins.module_utils import program
         record = program.ProgramSet.record_at(os.path.dirname(self.program))
-        entry = (record or {}).get('programs', {}).get(os.path.basename(self.program))
+        entry = (record or {}).get('programs', {}).get(self.prog_name)
         return entry and entry['id']
 
     def _is_ours(self, info):
@@ -131,7 +160,7 @@ class Attachment(object):
                 if kind == 'detach':
                     self._detach(tfd, info)
                     continue
-                with libbpf.Fd(libbpf.obj_get(self.program)) as pfd:
+                with libbpf.Fd(libbpf.obj_get(self.prog_dir.at(self.prog_name))) as pfd:
                     flags = libbpf.F_ALLOW_MULTI if self.target_kind == 'cgroup' else 0
                     replace_fd = libbpf.prog_fd_by_id(info['id']) if kind == 'replace' else None
                     try:
@@ -171,6 +200,13 @@ def execute(params, check_mode, want_diff):
         return dict(changed=False, target=params['cgroup'] or params['map'],
                     attach_type='sock_ops' if params['cgroup'] is not None else 'sk_msg', actions=[], attached=[])
     att = Attachment(params['program'], cgroup=params['cgroup'], map_pin=params['map'])
+    try:
+        return _execute(att, params, check_mode, want_diff)
+    finally:
+        att.close()
+
+
+def _execute(att, params, check_mode, want_diff):
     actions, before, after = att.plan(params['state'])
     result = dict(changed=bool(actions), target=att.target, attach_type=att.prog_type,
                   actions=[dict(action=kind, id=info and info['id']) for kind, info in actions])

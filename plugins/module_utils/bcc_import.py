@@ -32,3 +32,13 @@ def require_bcc(module):
                                  '"bcc" is unrelated)'),
         exception=''.join(traceback.format_exception_only(type(loader.BCC_IMPORT_ERROR),
                                                           loader.BCC_IMPORT_ERROR)))
+
+
+def prefer_bcc():
+    """Re-run under a system Python that has bcc, if this one lacks it; else carry on
+    (the caller reports bcc as a missing package)."""
+    if has_respawned() or loader.import_bcc() is None:
+        return
+    interpreter = probe_interpreters_for_module(SYSTEM_PYTHONS, 'bcc')
+    if interpreter:
+        respawn_module(interpreter)  # does not return

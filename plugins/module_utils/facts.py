@@ -120,6 +120,11 @@ def execute(params):
     out = dict(changed=False, features=features())
     if params.get('pin_dir'):
         out.update(pin_dir_facts(params['pin_dir']))
+        if out.get('exists'):
+            from ansible_collections.ebpf.sockredir.plugins.module_utils import policy
+            settings = policy.read_path(params['pin_dir'])
+            if settings is not None:
+                out['settings'] = settings
     if params.get('cgroup'):
         out['attached'] = cgroup_attachments(params['cgroup'])
     return out

@@ -12,7 +12,6 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -70,20 +69,45 @@ class _AttachOpts(ctypes.Structure):
 
 _lib = None
 
+# libbpf 1.x only: 0.x (libbpf.so.0) returns -1 and sets errno, which _check
+# would read as EPERM. So the versioned name, never find_library('bpf').
+LIBBPF = 'libbpf.so.1'
+
+_u32p = ctypes.POINTER(ctypes.c_uint32)
+_SIGNATURES = {
+    'bpf_obj_get': ([ctypes.c_char_p], ctypes.c_int),
+    'bpf_obj_pin': ([ctypes.c_int, ctypes.c_char_p], ctypes.c_int),
+    'bpf_prog_get_fd_by_id': ([ctypes.c_uint32], ctypes.c_int),
+    'bpf_map_get_fd_by_id': ([ctypes.c_uint32], ctypes.c_int),
+    'bpf_obj_get_info_by_fd': ([ctypes.c_int, ctypes.c_void_p, _u32p], ctypes.c_int),
+    'bpf_prog_query': ([ctypes.c_int, ctypes.c_int, ctypes.c_uint32, _u32p, _u32p, _u32p], ctypes.c_int),
+    'bpf_prog_attach_opts': ([ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+    'bpf_prog_detach2': ([ctypes.c_int, ctypes.c_int, ctypes.c_int], ctypes.c_int),
+    'bpf_map_get_next_key': ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
+    'bpf_map_lookup_elem': ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
+    'libbpf_num_possible_cpus': ([], ctypes.c_int),
+    'libbpf_probe_bpf_prog_type': ([ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+    'libbpf_probe_bpf_map_type': ([ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+    'libbpf_probe_bpf_helper': ([ctypes.c_int, ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+}
+
 
 def _open_libbpf():
-    name = ctypes.util.find_library('bpf') or 'libbpf.so.1'
     try:
-        return ctypes.CDLL(name, use_errno=True)
+        return ctypes.CDLL(LIBBPF, use_errno=True)
     except OSError as e:
-        raise BpfError('libbpf (libbpf.so.1) could not be loaded: %s. Install the '
-                       'package libbpf1 (a dependency of python3-bpfcc).' % e)
+        raise BpfError('libbpf (%s) could not be loaded: %s. Install the package libbpf1 '
+                       '(a dependency of python3-bpfcc).' % (LIBBPF, e))
 
 
 def lib():
     global _lib
     if _lib is None:
-        _lib = _open_libbpf()
+        loaded = _open_libbpf()
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            fn = getattr(loaded, name)
+            fn.argtypes, fn.restype = argtypes, restype
+        _lib = loaded
     return _lib
 
 
@@ -109,12 +133,12 @@ def obj_pin(fd, path):
 
 
 def prog_fd_by_id(prog_id):
-    return _check(lib().bpf_prog_get_fd_by_id(ctypes.c_uint32(prog_id)),
+    return _check(lib().bpf_prog_get_fd_by_id(prog_id),
                   'opening program id %d' % prog_id)
 
 
 def map_fd_by_id(map_id):
-    return _check(lib().bpf_map_get_fd_by_id(ctypes.c_uint32(map_id)),
+    return _check(lib().bpf_map_get_fd_by_id(map_id),
                   'opening map id %d' % map_id)
 
 
@@ -166,8 +190,8 @@ def prog_query(target_fd, attach_type, query_flags=0):
         ids = (ctypes.c_uint32 * count)()
         cnt = ctypes.c_uint32(count)
         flags = ctypes.c_uint32(0)
-        rc = lib().bpf_prog_query(target_fd, attach_type, query_flags, ctypes.byref(flags), ids,
-                                  ctypes.byref(cnt))
+        rc = lib().bpf_prog_query(target_fd, attach_type, query_flags, ctypes.byref(flags),
+                                  ctypes.cast(ids, _u32p), ctypes.byref(cnt))
         if rc == -errno.ENOSPC:
             count *= 4
             continue
@@ -295,6 +319,7 @@ _OBJECT_API = {
     'bpf_map__fd': (ctypes.c_int, [_P]),
     'bpf_map_lookup_elem': (ctypes.c_int, [ctypes.c_int, _P, _P]),
     'bpf_map_update_elem': (ctypes.c_int, [ctypes.c_int, _P, _P, ctypes.c_uint64]),
+    'bpf_map_delete_elem': (ctypes.c_int, [ctypes.c_int, _P]),
 }
 _typed = None
 
@@ -427,3 +452,13 @@ def map_update(fd, key, value, flags=0):
     kbuf = ctypes.create_string_buffer(key, len(key))
     vbuf = ctypes.create_string_buffer(value, len(value))
     _check(typed().bpf_map_update_elem(fd, kbuf, vbuf, flags), 'writing a map value')
+
+
+def map_delete(fd, key):
+    """Delete key (bytes) from a hash map; False when it was not there."""
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    rc = typed().bpf_map_delete_elem(fd, kbuf)
+    if rc == -errno.ENOENT:
+        return False
+    _check(rc, 'deleting a map value')
+    return True

@@ -11,6 +11,7 @@ and put into the error.
 from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
+import ctypes
 import os
 import re
 
@@ -103,17 +104,23 @@ class Compiled(object):
         return fn.fd
 
     def declared_map(self, name):
-        """dict(type, max_entries) as the source declares map `name`, or None.
+        """dict(type, key_size, value_size, max_entries, flags) as the source declares map `name`, or None.
 
         For a pinned map that bcc reused, this is the declaration, not the
-        pinned map's own shape: comparing the two tells a resize apart.
+        pinned map's own shape: comparing the two tells a changed map apart.
         """
         lib = libbcc.lib
         table_id = lib.bpf_table_id(self.bpf.module, name.encode())
         if table_id == NO_TABLE:
             return None
+        for fn in ('bpf_table_key_size_id', 'bpf_table_leaf_size_id'):
+            getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+            getattr(lib, fn).restype = ctypes.c_size_t
         return dict(type=lib.bpf_table_type_id(self.bpf.module, table_id),
-                    max_entries=lib.bpf_table_max_entries_id(self.bpf.module, table_id))
+                    key_size=lib.bpf_table_key_size_id(self.bpf.module, table_id),
+                    value_size=lib.bpf_table_leaf_size_id(self.bpf.module, table_id),
+                    max_entries=lib.bpf_table_max_entries_id(self.bpf.module, table_id),
+                    flags=lib.bpf_table_flags_id(self.bpf.module, table_id))
 
     def close(self):
         with captured_output():

@@ -18,15 +18,21 @@ def _unescape(field):
     return field.encode().decode('unicode_escape')
 
 
-def mounts(mountinfo='/proc/self/mountinfo'):
-    """[(mount point, fstype)] in mount order."""
+def mount_table(mountinfo='/proc/self/mountinfo'):
+    """[(mount point, fstype, st_dev)] in mount order."""
     out = []
     with open(mountinfo) as f:
         for line in f:
             fields = line.split()
             sep = fields.index('-')
-            out.append((_unescape(fields[4]), fields[sep + 1]))
+            major, minor = fields[2].split(':')
+            out.append((_unescape(fields[4]), fields[sep + 1], os.makedev(int(major), int(minor))))
     return out
+
+
+def mounts(mountinfo='/proc/self/mountinfo'):
+    """[(mount point, fstype)] in mount order."""
+    return [(mp, fs) for mp, fs, _dev in mount_table(mountinfo)]
 
 
 def mount_points(fstype, mountinfo='/proc/self/mountinfo'):
@@ -63,28 +69,91 @@ def require_normalized(path, param):
     return os.path.normpath(path)
 
 
-def require_private_dir(path, param):
-    """An existing path must be a real directory of ours that no one else can write.
+def _unsafe(st):
+    """Why a directory root acts in could be swapped by someone else, or None.
 
-    bpffs is often mounted mode 1777: any user may create a directory there
-    before us and then swap our pins for links or objects of their own.
+    A directory may be world-writable when it is sticky and root-owned, like
+    /tmp or a 1777 bpffs: others cannot rename or remove what root made there
+    (and what they made themselves is refused as not root's).
     """
-    if not os.path.lexists(path):
-        return
-    st = os.lstat(path)
-    problem = None
-    if stat.S_ISLNK(st.st_mode):
-        problem = 'is a symbolic link'
-    elif not stat.S_ISDIR(st.st_mode):
-        problem = 'is not a directory'
-    elif st.st_uid != os.geteuid():
-        problem = 'is owned by uid %d, not by us (uid %d)' % (st.st_uid, os.geteuid())
-    elif st.st_mode & 0o022:
-        problem = 'is writable by group or others (mode %o)' % stat.S_IMODE(st.st_mode)
-    if problem:
-        raise BpfError('%s: %s %s, so another user could replace its pins; refusing to use it. '
-                       'Remove it, or give it to root with mode 0700.' % (param, path, problem),
-                       param=param)
+    if not stat.S_ISDIR(st.st_mode):
+        return 'is not a directory'
+    if st.st_uid not in (0, os.geteuid()):
+        return 'is owned by uid %d, not by root' % st.st_uid
+    if st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and st.st_uid == 0):
+        return 'is writable by group or others (mode %o)' % stat.S_IMODE(st.st_mode)
+    return None
+
+
+def lexical_mount(path, fstype, mountinfo='/proc/self/mountinfo'):
+    """(mount point, st_dev) of the fstype mount that lexically holds path (no symlink followed)."""
+    best = None
+    for mp, fs, dev in mount_table(mountinfo):
+        if path == mp or path.startswith(mp.rstrip('/') + '/'):
+            if best is None or len(mp) >= len(best[0]):
+                best = (mp, fs, dev)
+    if best is None or best[1] != fstype:
+        return None
+    return best[0], best[2]
+
+
+def open_dir(path, param, top='/', top_dev=None, create=False, mode=0o700):
+    """(fd, created) of directory path, opened one component at a time from top.
+
+    Each component is opened with O_NOFOLLOW relative to its parent's fd and
+    checked on that fd (a real directory, owned by root, not writable by group
+    or others), so nothing can be swapped between the check and the use: the
+    caller acts through the returned fd (or /proc/self/fd/<fd>/...). A missing
+    component is made (mode 0700) when create is true; otherwise (None, [])
+    is returned. top_dev: the st_dev top must have (it is a mount point).
+    """
+    path = require_normalized(path, param)
+    rel = os.path.relpath(path, top)
+    if rel.startswith('..'):
+        raise BpfError('%s: %s is not below %s' % (param, path, top), param=param)
+    parts = [] if rel == '.' else rel.split('/')
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(top, flags)
+    created = []
+    here = top
+    try:
+        st = os.fstat(fd)
+        if top_dev is not None and st.st_dev != top_dev:
+            raise BpfError('%s: %s is no longer the mount point it was (device changed)' % (param, top),
+                           param=param)
+        for part in [None] + parts:
+            if part is not None:
+                here = os.path.join(here, part)
+                try:
+                    child = os.open(part, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        os.close(fd)
+                        return None, []
+                    os.mkdir(part, mode, dir_fd=fd)
+                    created.append(here)
+                    child = os.open(part, flags, dir_fd=fd)
+                except OSError as e:
+                    if os.path.islink(here) or e.errno in (40, 20):  # ELOOP, ENOTDIR
+                        kind = 'a symbolic link' if os.path.islink(here) else 'not a directory'
+                        raise BpfError('%s: %s is %s; refusing to use it (remove it, or choose '
+                                       'another path)' % (param, here, kind), param=param)
+                    raise
+                os.close(fd)
+                fd = child
+                st = os.fstat(fd)
+                if top_dev is not None and st.st_dev != top_dev:
+                    raise BpfError('%s: %s is another mount, not part of %s' % (param, here, top),
+                                   param=param)
+            problem = _unsafe(st)
+            if problem:
+                raise BpfError('%s: %s %s, so another user could replace what root puts there; '
+                               'refusing to use it. Give it to root with mode 0700 (or 0755).'
+                               % (param, here, problem), param=param)
+        return fd, created
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def require_bpffs(path, param):

@@ -39,9 +39,10 @@ class ObjectSet(program.ProgramSet):
     changed_reason = 'object or options changed'
 
     def __init__(self, pin_dir, obj_path, programs=None, maps=None, recreate_maps=False,
-                 record_dir=program.RECORD_DIR):
+                 record=None, pin_set=None, obj_bytes=None):
         self.obj_path = obj_path
-        self.obj_bytes = read_trusted(obj_path)
+        # obj_bytes: what the caller is about to write at obj_path (the instance engine)
+        self.obj_bytes = read_trusted(obj_path) if obj_bytes is None else obj_bytes
         declared_progs, self.declared_maps = self._inspect()
         if programs:
             for i, p in enumerate(programs):
@@ -68,7 +69,7 @@ class ObjectSet(program.ProgramSet):
                                % (i, obj_path, m, ', '.join(sorted(self.declared_maps))), param='maps')
         # Every map of the object is pinned: a reload must find all of them again.
         super(ObjectSet, self).__init__(pin_dir, programs=programs, maps=sorted(self.declared_maps),
-                                        recreate_maps=recreate_maps, record_dir=record_dir)
+                                        recreate_maps=recreate_maps, record=record, pin_set=pin_set)
 
     def _open(self):
         with captured_output() as out:
@@ -99,12 +100,12 @@ class ObjectSet(program.ProgramSet):
         """{name: why} for pinned maps whose shape differs from the object's definition."""
         out = {}
         for m in self.maps:
-            pinned = pins.require_kind(self.pin(m), 'map', 'maps')
+            pinned = self.pins.require_kind(m, 'map', 'maps')
             want = self.declared_maps[m]
-            if pinned is None or all(pinned[k] == want[k] for k in SHAPE):
-                continue
-            out[m] = ('the pinned map %s is %s, the object defines %s'
-                      % (self.pin(m), _shape(pinned), _shape(want)))
+            differ = [k for k in SHAPE if pinned is not None and pinned[k] != want[k]]
+            if differ:
+                out[m] = ('the pinned map %s is %s, the object defines %s'
+                          % (self.pin(m), program.shape_text(pinned, differ), program.shape_text(want, differ)))
         return out
 
     def check_shapes(self):
@@ -117,25 +118,31 @@ class ObjectSet(program.ProgramSet):
         return ['map %s changed shape, it will be recreated' % m for m in sorted(reshaped)]
 
     def load_and_pin(self, headers=None):
-        """Open, reuse or pin maps, load, pin programs. On failure, pins this call made are removed."""
-        created_dir = not os.path.isdir(self.pin_dir)
+        """Open, reuse or pin maps, load, pin programs. On failure, pins this call made are removed.
+
+        Every pin is reached through the opened pin directory (pins.PinDir), so
+        a directory swapped after its check is never used.
+        """
+        if not self.pins.exists:
+            self.pins.close()
+            self.pins = pins.PinDir(self.pin_dir, self.pins.param, create=True)
+        at = self.pins
         made = []
         set_aside = []
         obj = None
         try:
-            if created_dir:
-                os.makedirs(self.pin_dir, mode=0o700)
             self.check_shapes()  # raises unless recreate_maps; the state may have moved since the plan
             for m in sorted(self.reshaped_maps()):  # set aside, restored if anything below fails
-                os.rename(self.pin(m), self.pin(m + '__replaced'))
+                at.rename(m, m + '__replaced')
                 set_aside.append(m)
             obj = self._open()
             progs = obj.programs()
             maps = obj.maps()
             reused = set()
             for m in self.maps:
-                if os.path.lexists(self.pin(m)):
-                    with libbpf.Fd(libbpf.obj_get(self.pin(m))) as fd:
+                if at.lexists(m):
+                    at.require_kind(m, 'map', 'maps')
+                    with libbpf.Fd(libbpf.obj_get(at.at(m))) as fd:
                         obj.reuse_map(maps[m], fd)
                     reused.add(m)
             with captured_output() as out:
@@ -151,20 +158,26 @@ class ObjectSet(program.ProgramSet):
                                details=dict(err.details, verifier_output=log.splitlines()))
             for m in self.maps:
                 if m not in reused:
-                    libbpf.obj_pin(obj.map_fd(maps[m]), self.pin(m))
-                    made.append(self.pin(m))
-            pins.pin_staged(self.pin_dir, [(p['name'], obj.program_fd(progs[p['name']]))
-                                           for p in self.programs], made)
+                    libbpf.obj_pin(obj.map_fd(maps[m]), at.at(m))
+                    made.append(m)
+            pins.pin_staged(at, [(p['name'], obj.program_fd(progs[p['name']])) for p in self.programs], made)
             for m in set_aside:
-                os.unlink(self.pin(m + '__replaced'))
+                at.unlink(m + '__replaced')
             self.recreated = list(set_aside)
             return ''
         except BaseException:
-            pins.undo(self.pin_dir, made, set_aside, created_dir)
+            pins.undo(at, made, set_aside)
             raise
         finally:
             if obj is not None:
                 obj.close()  # the pins hold programs and maps now
+
+    def reload(self, result):
+        """Load and pin, then record the load; ProgramSet.reload's contract without headers."""
+        self.load_and_pin()
+        if self.recreated:
+            result['recreated_maps'] = self.recreated
+        return self.write_record(self.digest(), HEADERS)
 
 
 def read_trusted(path):
@@ -191,17 +204,19 @@ def read_trusted(path):
         return f.read()
 
 
-def _shape(s):
-    return '%s key %d value %d max_entries %d flags %#x' % (
-        s['type'], s['key_size'], s['value_size'], s['max_entries'], s['flags'])
-
-
 def execute(params, check_mode, want_diff):
     """bpf_program with object=: the same contract as program.execute for src=."""
     if params['state'] == 'absent':
         return program.execute(params, check_mode, want_diff)  # pins and record only
     ps = ObjectSet(params['pin_dir'], params['object'], programs=params['programs'],
                    maps=params['maps'], recreate_maps=params['recreate_maps'])
+    try:
+        return _execute(ps, check_mode, want_diff)
+    finally:
+        ps.pins.close()
+
+
+def _execute(ps, check_mode, want_diff):
     result = dict(changed=False, pin_dir=ps.pin_dir, object=ps.obj_path)
     now = ps.current()
     digest = ps.digest()
@@ -212,9 +227,6 @@ def execute(params, check_mode, want_diff):
         result['changed'] = True
         after = None
         if not check_mode:
-            ps.load_and_pin()
-            if ps.recreated:
-                result['recreated_maps'] = ps.recreated
-            after = ps.write_record(digest, HEADERS)
+            after = ps.reload(result)
     program.report(ps, result, now, after, reasons, want_diff)
     return result

@@ -24,28 +24,71 @@ import json
 import os
 
 from ansible_collections.ebpf.sockredir.plugins.module_utils import headers as kheaders
-from ansible_collections.ebpf.sockredir.plugins.module_utils import libbpf, loader, mounts, pins
+from ansible_collections.ebpf.sockredir.plugins.module_utils import libbpf, loader, pins
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
 RECORD_DIR = '/run/ebpf-sockredir'
 NAME_MAX = 15  # BPF_OBJ_NAME_LEN - 1: longer names are cut by the kernel
+SHAPE = ('type', 'key_size', 'value_size', 'max_entries', 'flags')
 
 
 def record_path(pin_dir, record_dir=RECORD_DIR):
     return os.path.join(record_dir, hashlib.sha256(pin_dir.encode()).hexdigest()[:16] + '.json')
 
 
+def write_json(path, data, mode=0o600):
+    """Atomically: a temp file beside path, then os.replace."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = '%s.%d.tmp' % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, 'w') as f:
+        json.dump(data, f, sort_keys=True, indent=1)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+class FileRecord(object):
+    """bpf_program's own record of a load: one JSON file per pin directory under /run."""
+
+    def __init__(self, pin_dir, record_dir=RECORD_DIR):
+        self.path = record_path(pin_dir, record_dir)
+
+    def read(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def write(self, record):
+        write_json(self.path, record)
+
+    def drop(self):
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+            try:
+                os.rmdir(os.path.dirname(self.path))
+            except OSError:
+                pass  # records of other pin directories remain
+
+    def exists(self):
+        return os.path.exists(self.path)
+
+
 class ProgramSet(object):
+    """Programs and maps of one source in one pin directory.
+
+    pins: a pins.PinDir already open (the instance engine passes its own);
+    record: where the load is recorded (default: FileRecord under /run).
+    """
+
     changed_reason = 'source or options changed'
 
     def __init__(self, pin_dir, programs=None, maps=None, src=None, defines=None,
                  include_dirs=None, kernel_headers='auto', headers_cache=kheaders.DEFAULT_CACHE,
-                 recreate_maps=False, record_dir=RECORD_DIR):
-        self.pin_dir = mounts.require_bpffs(pin_dir, 'pin_dir')
-        if self.pin_dir in mounts.mount_points('bpf'):
-            raise BpfError('pin_dir must be a directory below the bpffs mount, not the mount itself '
-                           '(%s); e.g. %s/sockredir' % (self.pin_dir, self.pin_dir), param='pin_dir')
-        mounts.require_private_dir(self.pin_dir, 'pin_dir')
+                 recreate_maps=False, record=None, pin_set=None):
+        self.pins = pin_set or pins.PinDir(pin_dir, 'pin_dir')
+        self.pin_dir = self.pins.path
         self.programs = programs or []
         self.maps = maps or []
         self.src = src
@@ -55,7 +98,7 @@ class ProgramSet(object):
         self.headers_cache = headers_cache
         self.recreate_maps = recreate_maps
         self.recreated = []
-        self.record_file = record_path(self.pin_dir, record_dir)
+        self.record = record or FileRecord(self.pin_dir)
         self._validate_names()
 
     # -- reading -----------------------------------------------------------
@@ -77,24 +120,19 @@ class ProgramSet(object):
                                % (i, NAME_MAX, name), param='maps')
 
     def pin(self, name):
-        return os.path.join(self.pin_dir, name)
+        return self.pins.show(name)
 
     def read_record(self):
-        return self.record_at(self.pin_dir)
+        return self.record.read()
 
     @staticmethod
     def record_at(pin_dir, record_dir=RECORD_DIR):
-        try:
-            with open(record_path(pin_dir, record_dir)) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        return FileRecord(pin_dir, record_dir).read()
 
     def current(self):
         """What the kernel has at our pins now."""
-        progs = {p['name']: pins.require_kind(self.pin(p['name']), 'prog', 'programs')
-                 for p in self.programs}
-        maps = {m: pins.require_kind(self.pin(m), 'map', 'maps') for m in self.maps}
+        progs = {p['name']: self.pins.require_kind(p['name'], 'prog', 'programs') for p in self.programs}
+        maps = {m: self.pins.require_kind(m, 'map', 'maps') for m in self.maps}
         return dict(programs=progs, maps=maps)
 
     def _source_files(self):
@@ -102,10 +140,11 @@ class ProgramSet(object):
         headers = sorted(set(h for d in dirs for h in glob.glob(os.path.join(d, '*.h'))))
         return [self.src] + headers
 
-    def cflags(self):
+    def cflags(self, pin_path=None):
+        """Compiler flags; BPF_PIN_DIR is pin_path (the opened directory) when given."""
         dirs = self.include_dirs or [os.path.dirname(os.path.abspath(self.src))]
         flags = ['-I%s' % d for d in dirs]
-        defines = dict(self.defines, BPF_PIN_DIR='"%s"' % self.pin_dir)
+        defines = dict(self.defines, BPF_PIN_DIR='"%s"' % (pin_path or self.pin_dir))
         flags += ['-D%s=%s' % (k, defines[k]) for k in sorted(defines)]
         return flags
 
@@ -149,22 +188,26 @@ class ProgramSet(object):
 
     # -- changing ----------------------------------------------------------
 
+    def _compile(self, headers):
+        return loader.Compiled(self.src, self.cflags(self.pins.at()), headers['env'])
+
     def load_and_pin(self, headers):
         """Compile, load, pin. On failure, pins this call created are removed again."""
         for path in [self.src] + (self.include_dirs or []):
             if not os.path.exists(path):
                 param = 'src' if path == self.src else 'include_dirs'
                 raise BpfError('%s: %s does not exist' % (param, path), param=param)
-        created_dir = not os.path.isdir(self.pin_dir)
-        maps_before = set(m for m in self.maps if os.path.lexists(self.pin(m)))
+        if not self.pins.exists:
+            self.pins.close()
+            self.pins = pins.PinDir(self.pin_dir, self.pins.param, create=True)
+        at = self.pins
+        maps_before = set(m for m in self.maps if at.lexists(m))
         made = []
         set_aside = []
         compiled = None
         try:
-            if created_dir:
-                os.makedirs(self.pin_dir, mode=0o700)
-            compiled = loader.Compiled(self.src, self.cflags(), headers['env'])
-            missing = [m for m in self.maps if not os.path.lexists(self.pin(m))]
+            compiled = self._compile(headers)
+            missing = [m for m in self.maps if not at.lexists(m)]
             if missing:
                 raise BpfError('maps: the source did not pin %s in %s; declare each with '
                                'BPF_TABLE_PINNED(..., BPF_PIN_DIR "/<name>")'
@@ -179,88 +222,98 @@ class ProgramSet(object):
                 compiled.close()
                 compiled = None
                 for m in reshaped:  # set aside, restored if anything below fails
-                    os.rename(self.pin(m), self.pin(m + '__replaced'))
+                    at.rename(m, m + '__replaced')
                     set_aside.append(m)
-                compiled = loader.Compiled(self.src, self.cflags(), headers['env'])
+                compiled = self._compile(headers)
             fds = [(p['name'], compiled.load(p['name'], p['type'])) for p in self.programs]
-            pins.pin_staged(self.pin_dir, fds, made)
+            pins.pin_staged(at, fds, made)
             for m in set_aside:
-                os.unlink(self.pin(m + '__replaced'))
+                at.unlink(m + '__replaced')
             self.recreated = list(set_aside)
             return compiled.warnings
         except BaseException:
             # includes maps a failed compile pinned before it gave up
-            made += [self.pin(m) for m in self.maps if m not in maps_before or m in set_aside]
-            pins.undo(self.pin_dir, made, set_aside, created_dir)
+            made += [m for m in self.maps if m not in maps_before or m in set_aside]
+            pins.undo(at, made, set_aside)
             raise
         finally:
             if compiled is not None:
                 compiled.close()
 
     def _reshaped_maps(self, compiled):
-        """{name: why} for pinned maps whose type or size differ from the source's declaration."""
+        """{name: why} for pinned maps whose shape differs from the source's declaration."""
         out = {}
         for m in self.maps:
             declared = compiled.declared_map(m)
-            pinned = pins.describe(self.pin(m))
+            pinned = self.pins.describe(m)
             if declared is None or pinned is None:
                 continue
-            want_type = libbpf.MAP_TYPE_NAMES.get(declared['type'], str(declared['type']))
-            if (want_type, declared['max_entries']) != (pinned['type'], pinned['max_entries']):
-                out[m] = ('the pinned map %s is a %s of %d entries, the source declares a %s of %d'
-                          % (self.pin(m), pinned['type'], pinned['max_entries'], want_type,
-                             declared['max_entries']))
+            declared = dict(declared, type=libbpf.MAP_TYPE_NAMES.get(declared['type'], str(declared['type'])))
+            differ = [k for k in SHAPE if declared[k] != pinned[k]]
+            if differ:
+                out[m] = ('the pinned map %s is %s, the source declares %s'
+                          % (self.pin(m), shape_text(pinned, differ), shape_text(declared, differ)))
         return out
+
+    def reload(self, result):
+        """Load and pin with the kernel headers resolved for real, then record the load.
+
+        Adds kernel_headers, compiler_warnings and recreated_maps to result;
+        returns what the kernel has at the pins afterwards.
+        """
+        headers = kheaders.resolve(self.kernel_headers, self.headers_cache)
+        result['kernel_headers'] = headers
+        warnings = self.load_and_pin(headers)
+        if warnings.strip():
+            result['compiler_warnings'] = warnings.splitlines()
+        if self.recreated:
+            result['recreated_maps'] = self.recreated
+        return self.write_record(self.digest(headers), headers)
 
     def write_record(self, digest, headers):
         now = self.current()
-        record = dict(digest=digest, pin_dir=self.pin_dir, headers=headers['kind'],
-                      programs={n: dict(id=i['id'], tag=i['tag']) for n, i in now['programs'].items()},
-                      maps=list(self.maps))
-        os.makedirs(os.path.dirname(self.record_file), mode=0o700, exist_ok=True)
-        tmp = self.record_file + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(record, f, sort_keys=True)
-        os.replace(tmp, self.record_file)
+        self.record.write(dict(digest=digest, pin_dir=self.pin_dir, headers=headers['kind'],
+                               programs={n: dict(id=i['id'], tag=i['tag']) for n, i in now['programs'].items()},
+                               maps=list(self.maps)))
         return now
+
+    def _names(self):
+        record = self.read_record() or {}
+        names = [p['name'] for p in self.programs] or list(record.get('programs', {}))
+        return names, list(self.maps) or list(record.get('maps', []))
 
     def remove(self):
         """Unpin our programs and maps, drop the record; ids still loaded afterwards."""
-        record = self.read_record() or {}
-        names = [p['name'] for p in self.programs] or list(record.get('programs', {}))
-        maps = list(self.maps) or list(record.get('maps', []))
+        names, maps = self._names()
         still = []
         for stale in ['%s__staging' % n for n in names] + ['%s__replaced' % m for m in maps]:
-            if os.path.lexists(self.pin(stale)):  # left by a run that was killed mid-swap
-                os.unlink(self.pin(stale))
+            if self.pins.lexists(stale):  # left by a run that was killed mid-swap
+                self.pins.unlink(stale)
         for name, kind in [(n, 'prog') for n in names] + [(m, 'map') for m in maps]:
-            path = self.pin(name)
-            found = pins.require_kind(path, kind, 'programs' if kind == 'prog' else 'maps')
+            found = self.pins.require_kind(name, kind, 'programs' if kind == 'prog' else 'maps')
             if found is None:
                 continue
-            os.unlink(path)
+            self.pins.unlink(name)
             if kind == 'prog':
                 try:
                     with libbpf.Fd(libbpf.prog_fd_by_id(found['id'])):
                         still.append(dict(name=name, id=found['id']))
                 except BpfError:
                     pass
-        if os.path.exists(self.record_file):
-            os.unlink(self.record_file)
-            try:
-                os.rmdir(os.path.dirname(self.record_file))
-            except OSError:
-                pass  # records of other pin directories remain
-        if os.path.isdir(self.pin_dir) and not os.listdir(self.pin_dir):
-            os.rmdir(self.pin_dir)
+        self.record.drop()
+        self.pins.rmdir_if_empty()
         return still
 
     def removable(self):
-        record = self.read_record() or {}
-        names = [p['name'] for p in self.programs] or list(record.get('programs', {}))
-        maps = list(self.maps) or list(record.get('maps', []))
-        return [n for n in names + maps if os.path.lexists(self.pin(n))] + \
-            ([self.record_file] if os.path.exists(self.record_file) else [])
+        names, maps = self._names()
+        return [self.pin(n) for n in names + maps if self.pins.lexists(n)] + \
+            ([self.record.path] if self.record.exists() else [])
+
+
+def shape_text(info, keys):
+    """'a sockhash of 1024 entries', plus the other fields that differ ('with key size 40, flags 0')."""
+    more = ['%s %s' % (k.replace('_', ' '), info[k]) for k in keys if k not in ('type', 'max_entries')]
+    return 'a %s of %d entries%s' % (info['type'], info['max_entries'], ' with ' + ', '.join(more) if more else '')
 
 
 def execute(params, check_mode, want_diff):
@@ -269,6 +322,13 @@ def execute(params, check_mode, want_diff):
                     src=params['src'], defines=params['defines'],
                     include_dirs=params['include_dirs'], kernel_headers=params['kernel_headers'],
                     headers_cache=params['headers_cache'], recreate_maps=params['recreate_maps'])
+    try:
+        return _execute(ps, params, check_mode, want_diff)
+    finally:
+        ps.pins.close()
+
+
+def _execute(ps, params, check_mode, want_diff):
     result = dict(changed=False, pin_dir=ps.pin_dir)
     if params['state'] == 'absent':
         gone = ps.removable()
@@ -295,14 +355,7 @@ def execute(params, check_mode, want_diff):
     if reasons:
         result['changed'] = True
         if not check_mode:
-            headers = kheaders.resolve(ps.kernel_headers, ps.headers_cache)
-            result['kernel_headers'] = headers
-            warnings = ps.load_and_pin(headers)
-            if warnings.strip():
-                result['compiler_warnings'] = warnings.splitlines()
-            if ps.recreated:
-                result['recreated_maps'] = ps.recreated
-            after = ps.write_record(digest, headers)
+            after = ps.reload(result)
         else:
             after = None
     else:

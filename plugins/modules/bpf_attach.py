@@ -128,6 +128,8 @@ def main():
         result = attach.execute(module.params, module.check_mode, module._diff)
     except BpfError as e:
         module.fail_json(**e.to_fail_json())
+    except OSError as e:
+        module.fail_json(msg='bpf_attach: %s' % e)
     module.exit_json(**result)
 
 

@@ -89,6 +89,17 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+settings:
+  description:
+    - The run-time settings of this collection's programs, when O(pin_dir) holds a C(sockredir_cfg) map;
+      C(debug) (whether trace_pipe lines are on), C(allow_listed), C(instance) (the id the debug lines show),
+      C(small_write_bytes) and C(small_write_streak) (0 is the default; C(effective_*) the values in use),
+      C(flags), and the port policy from C(sockredir_ports) as C(allow_ports) and C(deny_ports).
+  returned: when pin_dir holds sockredir_cfg
+  type: dict
+  sample: {"debug": false, "allow_listed": false, "instance": "bd8715c3", "allow_ports": [], "deny_ports": [22],
+           "small_write_bytes": 0, "small_write_streak": 0, "effective_small_write_bytes": 32768,
+           "effective_small_write_streak": 16, "flags": 0}
 features:
   description: What the running kernel offers.
   returned: always
@@ -195,6 +206,8 @@ def main():
                                              module.check_mode)
     except BpfError as e:
         module.fail_json(**e.to_fail_json())
+    except OSError as e:
+        module.fail_json(msg='bpf_info: %s' % e)
     module.exit_json(**result)
 
 

@@ -265,6 +265,8 @@ def main():
         result = engine.execute(params, module.check_mode, module._diff)
     except BpfError as e:
         module.fail_json(**e.to_fail_json())
+    except OSError as e:
+        module.fail_json(msg='bpf_program: %s' % e)
     for warning in result.pop('warnings', []):
         module.warn(warning)
     module.exit_json(**result)

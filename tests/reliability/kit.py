@@ -22,7 +22,7 @@ import time
 import conftest
 from support import hostenv
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import facts
+from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREFIX = 'srrel'
@@ -522,8 +522,6 @@ class Stream(object):
 
 # -- one instance of the role, with names of its own ------------------------
 
-RECORD_FILE = '/var/lib/ebpf-sockredir/record.json'
-
 
 class RoleInstance(object):
     """Role variables for a pin root, a cgroup and a source directory of this test's own."""
@@ -557,12 +555,13 @@ class RoleInstance(object):
         return ops, msg
 
     def recorded(self):
-        """What the role's host record says about this pin root (None: nothing)."""
+        """dict(cgroup, src_dir) from the engine's record of this pin root (None: no record)."""
         try:
-            with open(RECORD_FILE) as f:
-                return json.load(f).get('instances', {}).get(self.pin_root)
+            with open(instance.record_path(self.pin_root)) as f:
+                record = json.load(f)
         except (OSError, ValueError):
             return None
+        return dict(cgroup=record.get('cgroup'), src_dir=record.get('src_dir'))
 
     def leftovers(self):
         return [p for p in (self.pin_root, self.src_dir) if os.path.exists(p)] + \

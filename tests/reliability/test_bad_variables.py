@@ -2,7 +2,7 @@
 
 Every case must fail with a message that names the variable or parameter,
 and leave the host as it was: the pin root and source directory of the case,
-its entry in the role's record and in bpf_program's record, the attachments
+the engine's record of it and bpf_program's record, the attachments
 and child cgroups of the test's cgroup, and mounts on the test's paths are
 compared before and after. (tests/test_bad_input.py covers further module
 cases: missing cgroup, cgroup v1, broken source, unknown program, long
@@ -25,7 +25,7 @@ import pytest
 import conftest
 from support import hostenv
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance, policy, program
 
 from . import kit
 
@@ -47,16 +47,21 @@ ROLE_CASES = {
     'pin_root is the bpffs mount': (dict(sockredir_pin_root='/sys/fs/bpf'), ['sockredir_pin_root'], None),
     'pin_root name too long': (dict(sockredir_pin_root='/sys/fs/bpf/' + TOO_LONG), ['sockredir_pin_root'], None),
     'map_size 0': (dict(sockredir_map_size=0), ['sockredir_map_size'], None),
+    'map_size other than the object\'s': (dict(sockredir_map_size=4096), ['sockredir_map_size'], None),
+    'loader unknown': (dict(sockredir_loader='llvm'), ['sockredir_loader'], None),
+    'debug not a boolean': (dict(sockredir_debug='maybe'), ['sockredir_debug'], None),
+    'port both allowed and denied': (dict(sockredir_allow_ports=[80], sockredir_deny_ports=[80]),
+                                     ['sockredir_allow_ports'], None),
     'map_size not a number': (dict(sockredir_map_size='many'), ['sockredir_map_size'], None),
     'map_size above u32': (dict(sockredir_map_size=1 << 32), ['sockredir_map_size'], None),
     'map_size above the kernel maximum': (dict(sockredir_map_size=(1 << 32) - 1), ['sockredir_map_size'], None),
     'allow port 0': (dict(sockredir_allow_ports=[0]), ['sockredir_allow_ports'], None),
     'deny ports a word': (dict(sockredir_deny_ports='ssh'), ['sockredir_deny_ports'], None),
-    'allow 65 ports': (dict(sockredir_allow_ports=list(range(1000, 1065))), ['sockredir_allow_ports'], None),
+    'allow 1025 ports': (dict(sockredir_allow_ports=list(range(1000, 2025))), ['sockredir_allow_ports'], None),
     'install_packages not a boolean': (dict(sockredir_install_packages='maybe'),
                                        ['sockredir_install_packages'], None),
     'bpffs_mount relative': (dict(sockredir_bpffs_mount='sys/fs/bpf'), ['sockredir_bpffs_mount'], None),
-    'kernel_headers not a header tree': (dict(sockredir_kernel_headers='/nonexistent/headers'),
+    'kernel_headers not a header tree': (dict(sockredir_loader='bcc', sockredir_kernel_headers='/nonexistent/headers'),
                                          ['sockredir_kernel_headers'], None),
     'src_dir empty': (dict(sockredir_src_dir=''), ['sockredir_src_dir'], None),
 }
@@ -95,12 +100,13 @@ def exists(path):
         return False
 
 
-def recorded_instances():
+def instance_record(pin_root):
+    """The engine's record of pin_root, or None."""
     try:
-        with open(kit.RECORD_FILE) as f:
-            return json.load(f).get('instances', {})
-    except (OSError, ValueError):
-        return {}
+        with open(instance.record_path(os.path.normpath(pin_root))) as f:
+            return json.load(f)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def case_state(pin_root, src_dir):
@@ -108,7 +114,7 @@ def case_state(pin_root, src_dir):
     ours = isinstance(pin_root, str) and pin_root.startswith('/sys/fs/bpf/srrel-bad-')
     return dict(pin_root=exists(pin_root) and (sorted(os.listdir(pin_root)) if ours else True),
                 src_dir=bool(src_dir) and exists(src_dir),
-                role_record=recorded_instances().get(pin_root),
+                role_record=instance_record(pin_root),
                 module_record=bool(pin_root) and exists(program.record_path(os.path.normpath(pin_root))))
 
 
@@ -133,7 +139,7 @@ def shared_state(cgroup, workdir, tag, case_pins=()):
 def clean_up_role_cases(workdir, cases):
     """Undo what the role left for failed cases: state=absent for each, then by hand."""
     leftovers = [(name, v) for name, v in cases
-                 if exists(v['sockredir_pin_root']) or v['sockredir_pin_root'] in recorded_instances()]
+                 if exists(v['sockredir_pin_root']) or instance_record(v['sockredir_pin_root']) is not None]
     if leftovers:
         kit.run_tasks(workdir, [rescued_case('cleanup ' + name, dict(v, sockredir_state='absent'))
                                 for name, v in leftovers], name='cleanup')
@@ -141,19 +147,9 @@ def clean_up_role_cases(workdir, cases):
         pin_root = v['sockredir_pin_root']
         if isinstance(pin_root, str) and pin_root.startswith('/sys/fs/bpf/srrel-bad') and exists(pin_root):
             conftest.remove_pin_dir(pin_root)
-    # entries an absent run could not remove (e.g. an empty src_dir in the record)
-    instances = recorded_instances()
-    ours = [p for p in instances if 'srrel-bad' in p or TOO_LONG in p]
-    if ours:
-        with open(kit.RECORD_FILE) as f:
-            record = json.load(f)
-        for p in ours:
-            record['instances'].pop(p, None)
-        if record['instances'] or record.get('mounts'):
-            with open(kit.RECORD_FILE, 'w') as f:
-                json.dump(record, f, indent=2)
-        else:
-            os.unlink(kit.RECORD_FILE)
+        # records an absent run could not remove
+        if isinstance(pin_root, str) and instance_record(pin_root) is not None:
+            os.unlink(instance.record_path(os.path.normpath(pin_root)))
 
 
 @pytest.fixture(scope='module')
@@ -203,13 +199,14 @@ def test_bad_role_variables_leave_shared_state_alone(role_outcomes):
 
 
 def test_variables_given_as_strings_on_the_command_line(tmp_path):
-    """`-e name=value` makes every value a string: "false" and "4096" must work as false and 4096."""
+    """`-e name=value` makes every value a string: "false" and "8" must work as false and 8."""
     with hostenv.child_cgroup(kit.PREFIX) as cg:
         role = kit.RoleInstance(tmp_path, cg)
         try:
             command = kit.role_command(tmp_path, dict(
                 sockredir_cgroup=cg, sockredir_pin_root=role.pin_root, sockredir_src_dir=role.src_dir))
-            command += ['-e', 'sockredir_install_packages=false', '-e', 'sockredir_map_size=4096',
+            command += ['-e', 'sockredir_install_packages=false', '-e', 'sockredir_map_size=65535',
+                        '-e', 'sockredir_small_write_streak=8', '-e', 'sockredir_debug=false',
                         '-e', 'sockredir_recreate_maps=false', '-e', 'sockredir_bpffs_persist=false']
             proc = subprocess.run(command, capture_output=True, text=True, env=kit.role_env(), timeout=300,
                                   cwd=str(tmp_path), check=False)
@@ -217,7 +214,9 @@ def test_variables_given_as_strings_on_the_command_line(tmp_path):
             if run.rc != 0:
                 assert 'sockredir_install_packages' in run.output, run
             assert run.rc == 0, run
-            assert facts.pin_dir_facts(role.pin_root)['maps']['sockredir_hash']['max_entries'] == 4096
+            assert facts.pin_dir_facts(role.pin_root)['maps']['sockredir_hash']['max_entries'] == 65535
+            settings = policy.read_path(role.pin_root)
+            assert settings['small_write_streak'] == 8 and settings['debug'] is False, settings
         finally:
             role.cleanup()
 

@@ -27,13 +27,15 @@ from . import kit
 SEED = int(os.environ.get('SRREL_SEED') or random.SystemRandom().randrange(1 << 30))
 PINS = set(MAPS) | {'sockredir_msg', 'sockredir_ops'}
 
-# In the order the role reaches them, so each killed run continues from the
-# partial state the previous one left.
+# The role makes one engine call; a kill lands at a random moment inside it
+# (before, during and after the compile), each killed run continuing from the
+# partial state the previous one left. tests/test_instance.py kills the
+# engine at each of its steps exactly.
 TASK_KILL_POINTS = [
-    ('Write the record', 0.0, 0.3),
-    ('Compile, load and pin the programs', 0.2, 1.5),
-    ('Attach the sock_ops program to the cgroup', 0.0, 0.4),
-    ('Attach the sk_msg program to the sockhash', 0.0, 0.4),
+    ('Converge the sockredir instance', 0.0, 0.4),
+    ('Converge the sockredir instance', 0.3, 1.5),
+    ('Converge the sockredir instance', 0.5, 1.5),
+    ('Converge the sockredir instance', 0.8, 2.0),
 ]
 
 
@@ -56,7 +58,7 @@ def assert_full_state(role, netns, why):
     ops = facts.cgroup_attachments(role.cgroup)['sock_ops']
     assert [p['id'] for p in ops] == [ids['sockredir_ops']], why
     assert role.recorded() == dict(cgroup=role.cgroup, src_dir=role.src_dir), why
-    assert {'sockredir.bpf.c', 'sockredir.h'} <= set(os.listdir(role.src_dir)), why
+    assert {'sockredir.bpf.o'} <= set(os.listdir(role.src_dir)), why
     # and it does its job
     before = kit.counters(role.pin_root)
     with kit.SocketFactory(role.cgroup, netns) as factory:
@@ -95,7 +97,8 @@ def test_killed_at_each_step_of_the_role(role, netns):
     seen_ids = set()
     for task, low, high in TASK_KILL_POINTS:
         run = role.run_killed('present', task=task, after=rng.uniform(low, high))
-        assert run.killed_at is not None, 'the role never reached a task named %r (seed %d): %r' % (
+        # a run with little left to do may finish before the kill lands
+        assert run.killed_at is not None or run.rc == 0, 'the role never reached a task named %r (seed %d): %r' % (
             task, SEED, run)
         seen_ids.update(role.program_ids().values())
     full = role.run('present')
@@ -106,7 +109,7 @@ def test_killed_at_each_step_of_the_role(role, netns):
     assert again.rc == 0 and again.changed == 0, (SEED, again)
 
     # state: absent interrupted too, then completed
-    run = role.run_killed('absent', task='Unpin the programs and the maps', after=rng.uniform(0.0, 0.4))
+    run = role.run_killed('absent', task='Converge the sockredir instance', after=rng.uniform(0.0, 0.4))
     assert run.killed_at is not None, (SEED, run)
     done = role.run('absent')
     assert done.rc == 0, (SEED, done)

@@ -2,7 +2,7 @@
 
 Checked as the user nobody, through runuser and through setpriv (no
 capabilities, no supplementary groups), against what the role made on this
-host: the pin root and its pins, the copied sources, the role's record and
+host: the pin root and its pins, the sources, the engine's records and
 bpf_program's records and header cache.
 """
 
@@ -14,6 +14,8 @@ import pytest
 
 import conftest
 from support import hostenv
+
+from ansible_collections.ebpf.sockredir.plugins.module_utils import instance
 
 from . import kit
 
@@ -80,7 +82,7 @@ def test_an_unprivileged_user_can_neither_read_nor_replace_pins(converged, how):
 
 def made_by_the_role(role):
     yield role.pin_root
-    for top in (role.src_dir, os.path.dirname(kit.RECORD_FILE), '/run/ebpf-sockredir', '/var/cache/ebpf-sockredir'):
+    for top in (role.src_dir, os.path.dirname(instance.RECORD_DIR), '/run/ebpf-sockredir', '/var/cache/ebpf-sockredir'):
         if not os.path.exists(top):
             continue
         yield top

@@ -12,18 +12,21 @@ MAPS = ['sockredir_hash', 'sockredir_stats', 'sockredir_flows', 'sockredir_gates
 
 
 def converge_tasks(pin_dir, cgroup, src=SRC, defines=None, obj=None):
-    """The three steps the role runs: load+pin, attach sock_ops, attach sk_msg.
+    """The building blocks (generic modules) put together: load+pin, attach sk_msg, attach sock_ops.
 
     The programs come from src compiled by BCC, or from the prebuilt object obj.
+    sk_msg first: a socket takes the sockhash's verdict program when it is
+    inserted. The role does not use these: it makes one engine call
+    (sockredir_instance), see instance_task().
     """
     load = (dict(object=obj, pin_dir=pin_dir, programs=PROGRAMS, maps=MAPS) if obj else
             dict(src=src, pin_dir=pin_dir, programs=PROGRAMS, maps=MAPS, defines=defines or {}))
     return [
         dict(name='load', **{'ebpf.sockredir.bpf_program': load}),
-        dict(name='attach ops', **{'ebpf.sockredir.bpf_attach': dict(
-            program=pin_dir + '/sockredir_ops', cgroup=cgroup)}),
         dict(name='attach msg', **{'ebpf.sockredir.bpf_attach': dict(
             program=pin_dir + '/sockredir_msg', map=pin_dir + '/sockredir_hash')}),
+        dict(name='attach ops', **{'ebpf.sockredir.bpf_attach': dict(
+            program=pin_dir + '/sockredir_ops', cgroup=cgroup)}),
     ]
 
 
@@ -38,16 +41,16 @@ def teardown_tasks(pin_dir, cgroup):
 
 
 def remove_pin_dir(pin_dir):
-    """Last resort after a test or run: unpin everything in pin_dir and drop bpf_program's record.
+    """Last resort after a test or run: unpin everything in pin_dir, drop its records (bpf_program's, the instance's).
 
     Unpinning the map drops its sk_msg attachment with it; a cgroup attachment
     goes with the cgroup.
     """
-    from ansible_collections.ebpf.sockredir.plugins.module_utils import program
+    from ansible_collections.ebpf.sockredir.plugins.module_utils import instance, program
     if os.path.isdir(pin_dir):
         for name in os.listdir(pin_dir):
             os.unlink(os.path.join(pin_dir, name))
         os.rmdir(pin_dir)
-    record = program.record_path(pin_dir)
-    if os.path.exists(record):
-        os.unlink(record)
+    for record in (program.record_path(pin_dir), instance.record_path(pin_dir)):
+        if os.path.exists(record):
+            os.unlink(record)

@@ -1,10 +1,11 @@
 """Pure logic: mount parsing, header selection, reload decisions, program identity."""
 
+import hashlib
 import os
 
 import pytest
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import attach, headers, mounts, program
+from ansible_collections.ebpf.sockredir.plugins.module_utils import attach, headers, mounts, policy, program
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
 HYBRID = """\
@@ -84,9 +85,18 @@ def test_no_headers_names_the_packages_to_install(tmp_path):
     assert 'linux-headers-6.2.0-x' in e.value.msg and 'linux-headers-amd64' in e.value.msg
 
 
+class FakePins(object):
+    def __init__(self, path):
+        self.path = path
+
+    def show(self, name=''):
+        return os.path.join(self.path, name)
+
+
 class FakeSet(program.ProgramSet):
     def __init__(self):  # no bpffs needed for the decision logic
         self.pin_dir = '/sys/fs/bpf/x'
+        self.pins = FakePins(self.pin_dir)
         self.programs = [dict(name='p', type='sock_ops')]
         self.maps = ['m']
 
@@ -151,3 +161,28 @@ def test_without_the_pin_only_the_recorded_id_is_ours(monkeypatch):
     assert att._is_ours(dict(id=7, name='sockredir_ops', type='sock_ops', map_ids=[]))
     # same name, but another instance's program: never detached on a guess
     assert not att._is_ours(dict(id=8, name='sockredir_ops', type='sock_ops', map_ids=[]))
+
+
+# -- run-time settings (policy.py) -------------------------------------------------
+
+@pytest.mark.parametrize('allow, deny, debug, flags', [
+    ([], [], False, 0),
+    ([80], [], False, policy.SET_ALLOW_LISTED),
+    ([], [22], True, policy.SET_DEBUG),
+    ([80, 443], [22], True, policy.SET_ALLOW_LISTED | policy.SET_DEBUG),
+])
+def test_settings_pack_the_flags_and_the_port_verdicts(allow, deny, debug, flags):
+    settings, ports = policy.wanted('/sys/fs/bpf/x', allow, deny, debug, 1000, 4)
+    assert len(settings) == 16  # struct sockredir_settings: four u32
+    back = policy.decode(settings, ports)
+    assert back['flags'] == flags and back['debug'] is debug and back['allow_listed'] is bool(allow)
+    assert back['allow_ports'] == sorted(allow) and back['deny_ports'] == sorted(deny)
+    assert back['small_write_bytes'] == 1000 and back['small_write_streak'] == 4
+    assert back['instance'] == hashlib.sha256(b'/sys/fs/bpf/x').hexdigest()[:8]
+    assert all(len(k) == 4 and len(v) == 4 for k, v in ports.items())
+
+
+def test_zero_small_write_settings_mean_the_programs_defaults():
+    back = policy.decode(*policy.wanted('/sys/fs/bpf/x', [], []))
+    assert back['small_write_bytes'] == 0 and back['effective_small_write_bytes'] == 32768
+    assert back['small_write_streak'] == 0 and back['effective_small_write_streak'] == 16
