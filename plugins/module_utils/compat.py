@@ -431,7 +431,11 @@ def run_checks(obj_path, checks=None, made=None, parent=None):
         _require_plain(plain)
         made['pin_dir'] = pin_dir
         stack.callback(_unpin_all, pin_dir)
-        objloader.ObjectSet(pin_dir, obj_path).load_and_pin()
+        loaded = objloader.ObjectSet(pin_dir, obj_path)
+        try:
+            loaded.load_and_pin()
+        finally:
+            loaded.pins.close()  # the opened pin directory (pins.PinDir)
         made['program_ids'] = sorted(p['id'] for p in facts.pin_dir_facts(pin_dir)['programs'].values())
         # sk_msg on the sockhash first: a socket inserted by sock_ops is then redirected at once
         _attach(stack, os.path.join(pin_dir, MSG), lambda: libbpf.obj_get(os.path.join(pin_dir, HASH)),

@@ -120,7 +120,8 @@ class ProgramSet(object):
                                % (i, NAME_MAX, name), param='maps')
 
     def pin(self, name):
-        return self.pins.show(name)
+        """The pin's path as the user knows it (messages, results); syscalls go through self.pins."""
+        return os.path.join(self.pin_dir, name)
 
     def read_record(self):
         return self.record.read()
