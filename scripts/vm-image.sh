@@ -64,7 +64,7 @@ declare -A SUITE_PACKAGES=(
 # extended regular expression (compilers, LLVM, kernel headers, BCC).
 declare -A SUITE_ABSENT=(
   [bookworm]=""
-  [trixie]="^(clang|libclang|llvm|libllvm|linux-headers-|python3-bpfcc$|libbpfcc|bpfcc|gcc$|gcc-[0-9]+$)"
+  [trixie]="^(clang|libclang|llvm|libllvm|linux-headers-|linux-compiler-|python3-bpfcc$|libbpfcc|bpfcc|gcc$|gcc-[0-9]+$|gcc-[0-9]+-x86-64|cpp$|cpp-[0-9]+)"
 )
 HOST_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client)
 # free space left in the guest's root file system beyond its contents
