@@ -12,7 +12,7 @@ short_description: Turn socket redirection on or off for one instance (pin root 
 version_added: 0.2.0
 description:
   - The whole converge of one instance of this collection's programs, the same engine call the
-    M(ebpf.sockredir.sockredir) role and the boot unit make. It writes the prebuilt BPF object
+    C(ebpf.sockredir.sockredir) role and the boot unit make. It writes the prebuilt BPF object
     (O(loader=object), the default) or the BPF sources (O(loader=bcc)) into O(src_dir), loads (or
     compiles and loads) and pins the programs below O(pin_root) when the object, the source, an option or
     a pin changed, writes the run-time settings (port policy, debug switch, small-write thresholds) into
