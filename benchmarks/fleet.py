@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """A fleet of managed hosts on this machine: sshd in N network namespaces, for rollout runs.
 
     benchmarks/fleet.py demo [--hosts 16] [--forks 8]
@@ -61,7 +60,7 @@ def sh(*cmd, check=True, capture=False):
 def free_subnet():
     """A 10.231.<k>.0/24 no interface of this namespace uses."""
     used = sh('ip', '-o', '-4', 'addr', capture=True).stdout
-    for _ in range(100):
+    for _attempt in range(100):
         k = secrets.randbelow(250) + 1
         if ' 10.231.%d.' % k not in used:
             return '10.231.%d' % k
@@ -183,7 +182,7 @@ class Fleet(object):
         for h in self.state['hosts']:
             while True:
                 r = subprocess.run(['ip', 'netns', 'exec', h['netns'], 'ss', '-Hltn', 'src', h['addr'],
-                                    'sport', '= :22'], capture_output=True, text=True)
+                                    'sport', '= :22'], capture_output=True, text=True, check=False)
                 if r.stdout.strip():
                     break
                 if time.monotonic() > deadline:
@@ -207,7 +206,7 @@ class Fleet(object):
         if os.path.isdir(self.control_dir):
             for sock in os.listdir(self.control_dir):
                 subprocess.run(['ssh', '-o', 'ControlPath=%s' % os.path.join(self.control_dir, sock),
-                                '-O', 'exit', 'fleet'], capture_output=True)
+                                '-O', 'exit', 'fleet'], capture_output=True, check=False)
         # Whatever still names the state dir was started for this fleet (an interrupted ansible's
         # workers and their ssh): end those by pid.
         step('end processes of the fleet', _kill_pids, _pids_naming(self.dir))
@@ -221,7 +220,7 @@ class Fleet(object):
             if os.path.isdir(h['cgroup']):
                 step('remove cgroup %s' % h['cgroup'], _remove_cgroup, h['cgroup'])
             step('remove pins %s' % h['pin_root'], _remove_pin_root, h['pin_root'])
-        if subprocess.run(['ip', 'link', 'show', st['bridge']], capture_output=True).returncode == 0:
+        if subprocess.run(['ip', 'link', 'show', st['bridge']], capture_output=True, check=False).returncode == 0:
             step('delete bridge', sh, 'ip', 'link', 'del', st['bridge'])
         if st.get('made_sshd_dir') and os.path.isdir('/run/sshd'):
             step('remove /run/sshd', _rmdir_if_empty, '/run/sshd')
@@ -265,7 +264,7 @@ def _pids_naming(text):
 
 def _kill_pids(pids):
     kill_now(pids)  # SIGKILL
-    for _ in range(50):
+    for _attempt in range(50):
         if not [p for p in pids if os.path.exists('/proc/%d' % p) and not _zombie(p)]:
             return
         time.sleep(0.1)
@@ -281,7 +280,7 @@ def _zombie(pid):
 
 
 def _kill_netns(netns):
-    for _ in range(50):
+    for _attempt in range(50):
         pids = [int(p) for p in sh('ip', 'netns', 'pids', netns, capture=True).stdout.split()]
         if not pids:
             return
@@ -296,7 +295,7 @@ def _kill_netns(netns):
 
 def _remove_cgroup(path):
     kill_cgroup(path)
-    for _ in range(50):
+    for _attempt in range(50):
         try:
             os.rmdir(path)
             return
@@ -374,8 +373,21 @@ def demo(fleet, forks):
     return out
 
 
-def leftovers(fid):
-    """Names of this fleet still present anywhere: must be [] after down()."""
+def leftovers(fid, settle=10.0):
+    """Names of this fleet still present anywhere: must be [] after down().
+
+    The kernel removes a namespace's links in a work item after `ip netns delete`
+    returns, so what is still there is looked at again for up to `settle` seconds.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        found = _present(fid)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def _present(fid):
     found = []
     found += [n for n in sh('ip', 'netns', 'list', capture=True).stdout.split() if fid in n]
     links = sh('ip', '-o', 'link', capture=True).stdout.splitlines()
@@ -393,7 +405,7 @@ def _on_signal(signum, frame):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap = argparse.ArgumentParser(description=__doc__.split('\n', maxsplit=1)[0])
     sub = ap.add_subparsers(dest='cmd', required=True)
     for name in ('demo', 'run', 'up'):
         p = sub.add_parser(name)

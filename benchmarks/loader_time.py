@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Per-module time of bpf_program: object path (libbpf) vs BCC path, first load and idempotent rerun.
 
     .venv/bin/python benchmarks/loader_time.py [--runs 5]
@@ -38,7 +37,7 @@ def run_module(args):
         f.flush()
         env = dict(os.environ, PYTHONPATH=os.path.join(REPO, '.venv', 'collections'))
         start = time.monotonic()
-        proc = subprocess.run([PYTHON, MODULE, f.name], capture_output=True, text=True, env=env)
+        proc = subprocess.run([PYTHON, MODULE, f.name], capture_output=True, text=True, env=env, check=False)
         secs = time.monotonic() - start
     out = json.loads(proc.stdout)
     if out.get('failed'):
@@ -53,7 +52,7 @@ def main():
     cases = dict(object=lambda d: dict(object=OBJ, pin_dir=d),
                  bcc=lambda d: dict(src=SRC, pin_dir=d, programs=PROGRAMS, maps=MAPS))
     times = {}
-    for _ in range(runs):
+    for _run in range(runs):
         for name, args in cases.items():
             pin_dir = '/sys/fs/bpf/loadtime-%s' % secrets.token_hex(4)
             try:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Wall time of an idempotent rerun of the role on this host, beside `ansible -m ping`.
 
 Converges the role once on a child cgroup and a pin root of its own, then times,
@@ -26,17 +25,9 @@ sys.path.insert(0, os.path.join(REPO, 'tests'))
 sys.path.insert(0, os.path.join(REPO, '.venv', 'collections'))
 
 from support import hostenv  # noqa: E402
-from support.plays import remove_pin_dir  # noqa: E402
+from support.plays import ROLE_PLAY as PLAY, remove_pin_dir  # noqa: E402
 
 BIN = os.path.join(REPO, '.venv', 'bin')
-PLAY = '''- hosts: localhost
-  connection: local
-  gather_facts: false
-  vars:
-    ansible_python_interpreter: /usr/bin/python3
-  roles:
-    - role: ebpf.sockredir.sockredir
-'''
 RECAP = re.compile(r'localhost\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0')
 
 
@@ -75,7 +66,7 @@ def main(argv=None):
             if first.returncode != 0:
                 raise SystemExit('the first run of the role failed:\n' + first.stdout[-3000:] + first.stderr[-2000:])
             samples = dict(rerun=[], ping=[])
-            for _ in range(args.rounds):
+            for _round in range(args.rounds):
                 seconds, proc = timed(role)
                 recap = RECAP.search(proc.stdout)
                 if proc.returncode != 0 or not recap or recap.group(1) != '0':

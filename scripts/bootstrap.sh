@@ -6,6 +6,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# What it installs and runs needs root (apt, BPF, cgroups), Debian's packages
+# (apt, python3-bpfcc) and an x86_64 host (linux-headers-amd64; the guests).
+if [ "$(id -u)" -ne 0 ]; then
+  echo "bootstrap: run as root (it installs packages, and the tests load BPF programs)" >&2; exit 1
+fi
+if ! grep -qsE '^ID=debian$' /etc/os-release; then
+  echo "bootstrap: needs Debian (apt and Debian's package names); /etc/os-release says: $(grep -s '^PRETTY_NAME=' /etc/os-release)" >&2
+  exit 1
+fi
+if [ "$(uname -m)" != x86_64 ]; then
+  echo "bootstrap: needs an x86_64 host (linux-headers-amd64, the qemu guests); this is $(uname -m)" >&2; exit 1
+fi
+
 # redis-server, nginx-light, wrk, curl: benchmarks/apps.py. Where the packages start their
 # system services, those are left alone: the benchmark runs its own servers in a netns of its own.
 # libbpf-dev, llvm: scripts/build-bpf.sh; openssh-*: the fleet harness (benchmarks/fleet.py);

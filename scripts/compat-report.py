@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Render docs/compatibility.md from compatibility reports, one per kernel.
 
     scripts/compat-report.py REPORT.json... [-o docs/compatibility.md] [--check]
@@ -177,7 +176,7 @@ def render(reports, sources):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap = argparse.ArgumentParser(description=__doc__.split('\n', maxsplit=1)[0])
     ap.add_argument('reports', nargs='+', help='report JSON files (bpf_info compat value), one per kernel')
     ap.add_argument('-o', '--output', help='file to write (default: standard output)')
     ap.add_argument('--check', action='store_true', help='fail if --output differs instead of writing it')

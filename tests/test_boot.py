@@ -195,7 +195,10 @@ def test_the_boot_unit_brings_redirection_back_after_a_reboot(tmp_path, boot_ins
     with hostenv.netns('srboot') as ns:
         result = hostenv.transfer(cgroup, ns, '127.0.0.1', '127.0.0.1', 0, MIB, seed=5)
     assert result['recv_sha256'] == result['sent_sha256']
-    assert facts.pin_dir_facts(pin_root)['counters']['redirected_bytes'] >= MIB
+    # both sockets admitted and the first writes redirected (a one-way MiB switches to TCP after
+    # 16 writes by the programs' default policy, so not all of it)
+    counters = facts.pin_dir_facts(pin_root)['counters']
+    assert counters['inserted'] >= 2 and counters['redirected_bytes'] > 0, counters
 
     # The boot ran the role's engine with the role's parameters: nothing to redo.
     second = run_role(tmp_path, boot_instance, 'reconverge')

@@ -11,7 +11,6 @@ import glob
 import importlib.util
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -95,7 +94,7 @@ def measured(cache_dir):
 
 
 def test_report_shows_the_known_differences_and_tfo_as_tcp(measured):
-    rep, _made, _took, _ = measured
+    rep, _made, _took, _calls = measured
     assert rep['kernel'] == RELEASE and rep['from_cache'] is False
     checks = rep['checks']
     assert sorted(checks) == sorted(compat.CHECKS)
@@ -328,5 +327,5 @@ def test_docs_compatibility_is_what_the_committed_reports_render_to():
     assert REPORTS, 'docs/compat-reports/ holds no report'
     rel = [os.path.relpath(p, REPO) for p in REPORTS]
     proc = subprocess.run([sys.executable, SCRIPT] + rel + ['-o', 'docs/compatibility.md', '--check'],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr

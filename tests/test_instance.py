@@ -19,7 +19,7 @@ from conftest import BPFFS, bpftool_json, remove_pin_dir
 from support import engine, hostenv
 from reliability import kit
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance
+from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance, libbpf, preflight
 
 PREFIX = 'srinst'
 NOBODY = 65534
@@ -66,7 +66,7 @@ class Instance(object):
 @pytest.fixture
 def cgroups():
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(hostenv.child_cgroup(PREFIX)) for _ in range(2)]
+        yield [stack.enter_context(hostenv.child_cgroup(PREFIX)) for _n in range(2)]
 
 
 @pytest.fixture
@@ -114,9 +114,9 @@ def test_the_same_instance_twice_at_the_same_time(make):
     a = make()
     first, second = a.start(), a.start()
     results = [first.result(), second.result()]
-    assert [rc for rc, _, _ in results] == [0, 0], results
-    assert sorted(data['changed'] for _, data, _ in results) == [False, True], results
-    assert all('Traceback' not in err for _, _, err in results)
+    assert [res[0] for res in results] == [0, 0], results
+    assert sorted(res[1]['changed'] for res in results) == [False, True], results
+    assert all('Traceback' not in res[2] for res in results)
     assert_converged(a)
     assert a.run()[1]['changed'] is False
 
@@ -200,17 +200,17 @@ def test_src_dir_with_files_of_others(make, tmp_path):
     a.src_dir = a.params['src_dir'] = str(app)
     assert a.run()[0] == 0
     assert sorted(os.listdir(app)) == ['app.conf', 'sockredir.bpf.o']
-    rc, data, _ = a.run(state='absent')
+    rc, data, _err = a.run(state='absent')
     assert rc == 0, data
     assert sorted(os.listdir(app)) == ['app.conf'] and (app / 'app.conf').read_text() == 'theirs\n'
 
     # a file of theirs under one of our names is not overwritten
     (app / 'sockredir.bpf.o').write_text('/* theirs */\n')
-    rc, data, _ = a.run()
+    rc, data, _err = a.run()
     assert rc == 1 and 'already holds a sockredir.bpf.o that this collection did not write' in data['msg'], data
     assert (app / 'sockredir.bpf.o').read_text() == '/* theirs */\n'
     (app / 'sockredir.h').write_text('/* theirs */\n')
-    rc, data, _ = a.run(loader='bcc', sources=engine.sources())
+    rc, data, _err = a.run(loader='bcc', sources=engine.sources())
     assert rc == 1 and 'already holds a sockredir.h that this collection did not write' in data['msg'], data
     assert (app / 'sockredir.h').read_text() == '/* theirs */\n'
     assert not os.path.exists(a.pin_root) and a.record() is None
@@ -230,7 +230,7 @@ def user_venv(tmp_path):
 
 def test_the_boot_unit_refuses_a_user_owned_venv(make, user_venv):
     a = make()
-    rc, data, _ = a.run(boot=True, boot_python=user_venv)
+    rc, data, _err = a.run(boot=True, boot_python=user_venv)
     assert rc == 1, data
     assert 'boot_python: %s is owned by uid %d' % (os.path.dirname(os.path.dirname(os.path.dirname(user_venv))), NOBODY) \
         in data['msg'], data
@@ -244,13 +244,13 @@ def test_a_pin_root_swapped_between_runs_is_refused(make, tmp_path):
     os.mkdir(decoy, 0o700)
     try:
         os.symlink(decoy, a.pin_root)
-        rc, data, _ = a.run()
+        rc, data, _err = a.run()
         assert rc == 1 and '%s is a symbolic link; refusing to use it' % a.pin_root in data['msg'], data
         assert os.listdir(decoy) == []
         os.unlink(a.pin_root)
         os.mkdir(a.pin_root, 0o700)
         os.chown(a.pin_root, NOBODY, NOBODY)
-        rc, data, _ = a.run()
+        rc, data, _err = a.run()
         assert rc == 1 and '%s is owned by uid %d, not by root' % (a.pin_root, NOBODY) in data['msg'], data
         assert os.listdir(a.pin_root) == []
     finally:
@@ -270,7 +270,7 @@ def test_a_pin_root_swapped_during_a_run_is_never_used(make, tmp_path):
         run.wait_paused()
         os.symlink(decoy, a.pin_root)
         run.resume()
-        rc, data, _ = run.result()
+        rc, data, _err = run.result()
         assert rc == 1 and 'is a symbolic link; refusing to use it' in data['msg'], data
         assert os.listdir(decoy) == []
         os.unlink(a.pin_root)
@@ -295,15 +295,15 @@ def test_a_pin_root_swapped_during_a_run_is_never_used(make, tmp_path):
 def test_the_object_loader_needs_no_bcc_and_the_plan_says_so(make):
     """On a host without bcc the object path converges; the bcc path asks for the package."""
     a = make()
-    rc, data, _ = engine.run(dict(a.params, _check=True), workdir=a.workdir, hide_bcc=True)
+    rc, data, _err = engine.run(dict(a.params, _check=True), workdir=a.workdir, hide_bcc=True)
     assert rc == 0 and 'bcc' not in data['needs']['packages'] and 'kernel-headers' not in data['needs']['packages'], data
     assert data['loader'].startswith('loader: object (') and 'no compiler, headers or bcc needed' in data['loader']
-    rc, data, _ = engine.run(a.params, workdir=a.workdir, hide_bcc=True)
+    rc, data, _err = engine.run(a.params, workdir=a.workdir, hide_bcc=True)
     assert rc == 0 and data['needs'] == dict(packages=[], mounts=[]), data
     assert_converged(a)
     assert a.record()['params']['loader'] == 'object'
-    rc, data, _ = engine.run(dict(a.params, loader='bcc', sources=engine.sources()), workdir=a.workdir,
-                             hide_bcc=True)
+    rc, data, _err = engine.run(dict(a.params, loader='bcc', sources=engine.sources()), workdir=a.workdir,
+                                hide_bcc=True)
     assert rc == 0 and 'bcc' in data['needs']['packages'] and data['actions'] == [], data
     assert data['loader'].startswith('loader: bcc')
     assert a.record()['params']['loader'] == 'object'  # nothing changed
@@ -313,7 +313,7 @@ def test_absent_needs_neither_the_object_nor_the_sources(make, cgroups):
     a = make()
     assert a.run()[0] == 0
     shutil.rmtree(a.src_dir)
-    rc, data, _ = a.run(state='absent', object_b64=None)
+    rc, data, _err = a.run(state='absent', object_b64=None)
     assert rc == 0, data
     assert_nothing_left(a, cgroups)
 
@@ -323,11 +323,11 @@ def test_a_pinned_map_with_another_key_size_is_noticed(make):
     os.mkdir(a.pin_root, 0o700)
     subprocess.run(['bpftool', 'map', 'create', os.path.join(a.pin_root, instance.SOCKHASH), 'type', 'sockhash',
                     'key', '40', 'value', '4', 'entries', '1024', 'name', instance.SOCKHASH], check=True)
-    rc, data, _ = a.run()
+    rc, data, _err = a.run()
     assert rc == 1, data
     assert 'is a sockhash of 1024 entries with key size 40' in data['msg'] and 'recreate_maps' in data['msg'], data
     assert sorted(os.listdir(a.pin_root)) == [instance.SOCKHASH]
-    rc, data, _ = a.run(recreate_maps=True)
+    rc, data, _err = a.run(recreate_maps=True)
     assert rc == 0, data
     pinned = bpftool_json('map', 'show', 'pinned', os.path.join(a.pin_root, instance.SOCKHASH))
     assert pinned['bytes_key'] != 40
@@ -358,3 +358,51 @@ def test_role_runs_at_the_same_time_on_two_instances_and_on_one_twice(tmp_path, 
     finally:
         for role in roles:
             role.cleanup()
+
+
+# -- what the engine refuses before it changes anything (issue 12) ----------------------
+
+def assert_untouched(inst):
+    assert not os.path.exists(inst.pin_root)
+    assert inst.record() is None
+    assert inst.ops_on(inst.cgroup) == []
+
+
+def test_an_empty_cgroup_needs_the_whole_host_chosen(make):
+    """The whole host is never the default: redirected sockets differ from TCP in corners."""
+    inst = make()
+    rc, out, err = inst.run(cgroup='')
+    assert rc != 0, (out, err)
+    assert any(r.startswith('cgroup: empty, which is the whole host') and 'whole_host: true' in r
+               for r in out['refusals']), out
+    assert_untouched(inst)
+    # the root cgroup was not touched either (tests never attach there)
+    assert 'sockredir_ops' not in [p['name'] for p in facts.cgroup_attachments(hostenv.cgroup2_mount())['sock_ops']]
+
+
+def test_a_kernel_without_prog_query_on_a_sockmap_is_refused(make):
+    """5.15-5.18: sock_ops, sk_msg and the sockhash are there, BPF_PROG_QUERY on a sockmap is not."""
+    inst = make()
+    rc, out, _err = engine.run(inst.params, workdir=inst.workdir,
+                               env_extra=dict(SRTEST_FEATURES_OFF='sockmap_prog_query'))
+    assert rc != 0
+    assert any('BPF_PROG_QUERY on a sockmap' in r and '5.19' in r for r in out['refusals']), out
+    assert_untouched(inst)
+
+
+def test_a_libbpf_without_the_functions_the_engine_calls_is_refused(make):
+    """libbpf 0.x has another soname; a libbpf.so.1 lacking a function is named, not a traceback."""
+    inst = make()
+    rc, out, _err = engine.run(inst.params, workdir=inst.workdir,
+                               env_extra=dict(SRTEST_LIBBPF_MISSING='bpf_prog_attach_opts,bpf_object__open_mem'))
+    assert rc != 0
+    line = [r for r in out['refusals'] if r.startswith('libbpf:')]
+    assert line and 'bpf_prog_attach_opts, bpf_object__open_mem' in line[0] and 'libbpf 1.0' in line[0], out
+    assert_untouched(inst)
+
+
+def test_this_kernel_has_prog_query_on_a_sockmap():
+    """The probe itself, on the real kernel (6.18 here): the feature the refusal above fakes away."""
+    assert facts.features()['sockmap_prog_query'] is True
+    assert preflight.check_libbpf in preflight.PREFLIGHT  # the plan runs it
+    assert libbpf.missing_functions() == []

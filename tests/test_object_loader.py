@@ -26,17 +26,17 @@ def load(pin_dir, obj=OBJ, **extra):
 
 
 def attach(pin_dir, cgroup):
-    return [dict(name='attach ops', **{'ebpf.sockredir.bpf_attach': dict(
-                program=pin_dir + '/test_ops', cgroup=cgroup)}),
-            dict(name='attach msg', **{'ebpf.sockredir.bpf_attach': dict(
-                program=pin_dir + '/test_msg', map=pin_dir + '/test_hash')})]
+    ops = dict(program=pin_dir + '/test_ops', cgroup=cgroup)
+    msg = dict(program=pin_dir + '/test_msg', map=pin_dir + '/test_hash')
+    return [dict(name='attach ops', **{'ebpf.sockredir.bpf_attach': ops}),
+            dict(name='attach msg', **{'ebpf.sockredir.bpf_attach': msg})]
 
 
 def detach(pin_dir, cgroup):
-    return [dict(name='detach msg', **{'ebpf.sockredir.bpf_attach': dict(
-                program=pin_dir + '/test_msg', map=pin_dir + '/test_hash', state='absent')}),
-            dict(name='detach ops', **{'ebpf.sockredir.bpf_attach': dict(
-                program=pin_dir + '/test_ops', cgroup=cgroup, state='absent')}),
+    msg = dict(program=pin_dir + '/test_msg', map=pin_dir + '/test_hash', state='absent')
+    ops = dict(program=pin_dir + '/test_ops', cgroup=cgroup, state='absent')
+    return [dict(name='detach msg', **{'ebpf.sockredir.bpf_attach': msg}),
+            dict(name='detach ops', **{'ebpf.sockredir.bpf_attach': ops}),
             dict(name='unload', **{'ebpf.sockredir.bpf_program': dict(pin_dir=pin_dir, state='absent')})]
 
 

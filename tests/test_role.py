@@ -54,7 +54,7 @@ def ansible_env(tmp_path_factory):
 
 
 def run(argv, env, cwd=REPO, timeout=600):
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
 

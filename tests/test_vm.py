@@ -193,7 +193,9 @@ def installed_collection(tmp_path_factory):
     assert rc == 0, out
     artifact, = glob.glob(str(root / 'ebpf-sockredir-*.tar.gz'))
     # ansible.posix (the one dependency) comes with the ansible package; no Galaxy here
-    rc, out = run([tool('ansible-galaxy'), 'collection', 'install', '--no-deps',
+    # --force: the checkout itself may be on ANSIBLE_COLLECTIONS_PATH (scripts/test.sh puts it
+    # there), and would count as installed already
+    rc, out = run([tool('ansible-galaxy'), 'collection', 'install', '--no-deps', '--force',
                    '-p', str(root / 'collections'), artifact], env)
     assert rc == 0, out
     path = root / 'collections' / 'ansible_collections' / 'ebpf' / 'sockredir'

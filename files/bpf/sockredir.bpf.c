@@ -440,6 +440,14 @@ static __always_inline void sockredir_admit(struct bpf_sock_ops *skops,
 	}
 	err = sockredir_sock_insert(skops, key);
 	if (err) {
+		/*
+		 * The entry the connecting side started would stay without
+		 * a STATE callback to remove it: a full sockhash would fill
+		 * the flow map with dead entries. The accept()ing side
+		 * finds none and is not admitted either.
+		 */
+		if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+			sockredir_flow_forget(&conn);
 		sockredir_decided(err == -E2BIG ? SOCKREDIR_STAT_INSERT_FULL :
 				  SOCKREDIR_STAT_INSERT_FAILED, key);
 		return;
@@ -453,6 +461,42 @@ static __always_inline void sockredir_admit(struct bpf_sock_ops *skops,
 	 */
 	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG |
 				  BPF_SOCK_OPS_RTT_CB_FLAG);
+}
+
+/*
+ * Switch this direction to TCP for good. The socket may also leave the
+ * sockhash (no sk_msg cost, no tcp_bpf receive path) if nothing was ever
+ * redirected into it: closing its gate first, atomically, makes sure
+ * nothing will be. Returns 0 if it stays in the map.
+ */
+static __always_inline int sockredir_go_tcp(__u32 *flags, struct sockredir_key *own)
+{
+	__u32 closed = SOCKREDIR_GATE_CLOSED;
+	__u32 *gate;
+
+	*flags |= SOCKREDIR_FLOW_TCP;
+	if (!sockredir_gate_set(own, &closed))
+		goto removable;
+	gate = sockredir_gate_get(own);
+	if (gate && *gate == SOCKREDIR_GATE_CLOSED)
+		goto removable;
+	return 0;
+removable:
+	*flags |= SOCKREDIR_FLOW_REMOVE;
+	return 1;
+}
+
+/*
+ * Take the socket out of the sockhash (its psock goes: plain TCP again) and
+ * keep only the STATE callback, for the clean-up at close.
+ */
+static __always_inline void sockredir_leave(struct bpf_sock_ops *skops,
+					    struct sockredir_key *key, __u32 *flags)
+{
+	if (!sockredir_sock_remove(key))
+		sockredir_decided(SOCKREDIR_STAT_REMOVED, key);
+	*flags &= ~(SOCKREDIR_FLOW_REMOVE | SOCKREDIR_FLOW_ADMITTED);
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 /*
@@ -484,10 +528,41 @@ static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
 		    !sockredir_ingress_empty(skops))
 			return;	/* ask again at the next ACK */
 	}
-	if (!sockredir_sock_remove(key))
-		sockredir_decided(SOCKREDIR_STAT_REMOVED, key);
-	flow->flags[side] &= ~(SOCKREDIR_FLOW_REMOVE | SOCKREDIR_FLOW_ADMITTED);
-	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	sockredir_leave(skops, key, &flow->flags[side]);
+}
+
+/*
+ * The socket shut down its sending side (shutdown(SHUT_WR), or close()
+ * after sock_map_close already took it out). A socket in a sockhash waits
+ * for data in tcp_bpf_recvmsg, which turns any wake-up without data into
+ * EAGAIN, even on a blocking socket; the ACK of this FIN is such a wake-up
+ * (FIN_WAIT1 -> FIN_WAIT2), so "send, shutdown(SHUT_WR), block for the
+ * reply" could fail. The socket leaves the map now, before the application
+ * can block in a read, if nothing was ever redirected into it: closing its
+ * gate (set-once, atomic) first makes sure nothing will be. Otherwise the
+ * peer's remaining sends go TCP (redirect -> TCP keeps the order): the
+ * reply then arrives with the ACK, and the socket leaves at an ACK once its
+ * redirected queue is empty (sockredir_on_ack).
+ */
+static __always_inline void sockredir_on_shutdown(struct bpf_sock_ops *skops,
+						  struct sockredir_key *key)
+{
+	struct sockredir_key conn = {};
+	int side = sockredir_flow_key(key, &conn) & 1;
+	struct sockredir_flow *flow = sockredir_flow_get(&conn);
+
+	if (!flow || !(flow->flags[side] & SOCKREDIR_FLOW_ADMITTED))
+		return;
+	if (sockredir_go_tcp(&flow->flags[side], key)) {
+		sockredir_leave(skops, key, &flow->flags[side]);
+		return;
+	}
+	/*
+	 * Not atomic (no 32-bit atomics before -mcpu=v3): the peer's sk_msg
+	 * may write its flags at the same moment and undo this. Then it just
+	 * keeps redirecting, as it would have without this line.
+	 */
+	flow->flags[side ^ 1] |= SOCKREDIR_FLOW_TCP;
 }
 
 static __always_inline void sockredir_forget(struct sockredir_key *key)
@@ -518,34 +593,14 @@ int sockredir_ops(struct bpf_sock_ops *skops)
 			sockredir_on_ack(skops, &key);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
+		/* args: the old state, the new one */
 		if (skops->args[1] == BPF_TCP_CLOSE && !sockredir_ops_key(skops, &key))
 			sockredir_forget(&key);
+		else if (skops->args[1] == BPF_TCP_FIN_WAIT1 && !sockredir_ops_key(skops, &key))
+			sockredir_on_shutdown(skops, &key);
 		break;
 	}
 	/* cgroup programs report success with 1; 0 would mean -EPERM */
-	return 1;
-}
-
-/*
- * Switch this direction to TCP for good. The socket may also leave the
- * sockhash (no sk_msg cost, no tcp_bpf receive path) if nothing was ever
- * redirected into it: closing its gate first, atomically, makes sure
- * nothing will be. Returns 0 if it stays in the map.
- */
-static __always_inline int sockredir_go_tcp(__u32 *flags, struct sockredir_key *own)
-{
-	__u32 closed = SOCKREDIR_GATE_CLOSED;
-	__u32 *gate;
-
-	*flags |= SOCKREDIR_FLOW_TCP;
-	if (!sockredir_gate_set(own, &closed))
-		goto removable;
-	gate = sockredir_gate_get(own);
-	if (gate && *gate == SOCKREDIR_GATE_CLOSED)
-		goto removable;
-	return 0;
-removable:
-	*flags |= SOCKREDIR_FLOW_REMOVE;
 	return 1;
 }
 

@@ -156,7 +156,7 @@ struct sockredir_settings {
 #define SOCKREDIR_MAX_PORTS	1024
 
 #ifndef SOCKREDIR_SMALL_BYTES
-#define SOCKREDIR_SMALL_BYTES 32768
+#define SOCKREDIR_SMALL_BYTES 0xffffffffU
 #endif
 #ifndef SOCKREDIR_SMALL_STREAK
 #define SOCKREDIR_SMALL_STREAK 16

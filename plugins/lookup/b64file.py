@@ -5,7 +5,7 @@ __metaclass__ = type
 
 DOCUMENTATION = r'''
 name: b64file
-author: ebpf.sockredir maintainers
+author: ebpf.sockredir developers (@ebpf-sockredir)
 short_description: Read a binary file on the controller, base64-encoded
 description:
   - Returns the contents of each file, read on the controller, as base64 text.

@@ -282,7 +282,8 @@ class Helper(object):
         self.stderr, self.closed = '', False
         self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen(
+            # a long-lived helper process that hands sockets over a socketpair: run_command cannot
+            self.proc = subprocess.Popen(  # pylint: disable=ansible-bad-function
                 [sys.executable, '-c', HELPER, str(theirs.fileno()), redirected_cgroup, plain_cgroup,
                  HELPER_MARK], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -33,16 +33,17 @@ def features():
             sockhash=libbpf.probe_map_type(libbpf.MAP_TYPE_SOCKHASH),
             netns_cookie_in_sk_msg=libbpf.probe_helper(libbpf.PROG_TYPE_SK_MSG,
                                                        libbpf.FUNC_GET_NETNS_COOKIE),
+            sockmap_prog_query=libbpf.probe_sockmap_query(),  # 5.19+
         )
     except BpfError:
         out.update(bpf_syscall=False, sock_ops=False, sk_msg=False, sockhash=False,
-                   netns_cookie_in_sk_msg=False)
+                   netns_cookie_in_sk_msg=False, sockmap_prog_query=False)
     # libbpf counts a helper probe whose program fails to load for another
     # reason as supported: without sk_msg programs there is no helper to have
     out['netns_cookie_in_sk_msg'] = out['sk_msg'] and out['netns_cookie_in_sk_msg']
     out['advisories'] = kernel_advisories(out['kernel'])
     out['sockredir_ready'] = all(out[k] for k in ('btf', 'sock_ops', 'sk_msg', 'sockhash',
-                                                  'netns_cookie_in_sk_msg')) \
+                                                  'netns_cookie_in_sk_msg', 'sockmap_prog_query')) \
         and bool(out['cgroup2_mount'])
     return out
 

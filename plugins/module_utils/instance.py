@@ -63,14 +63,15 @@ BPFFS_OPTS = 'nosuid,nodev,noexec,mode=0700'
 PAUSE_ENV = 'SOCKREDIR_PAUSE'
 STEPS = ('record', 'sources', 'load', 'settings', 'attach sk_msg', 'attach sock_ops', 'detach previous', 'done')
 
-DEFAULTS = dict(state='present', pin_root='/sys/fs/bpf/sockredir', cgroup='', bpffs_mount='/sys/fs/bpf',
+DEFAULTS = dict(state='present', pin_root='/sys/fs/bpf/sockredir', cgroup='', whole_host=False,
+                bpffs_mount='/sys/fs/bpf',
                 bpffs_persist=False, cgroup2_mount='', src_dir='/usr/local/share/ebpf-sockredir/bpf',
                 sources=None, object_b64=None, loader='object', map_size=65535, allow_ports=[], deny_ports=[],
                 debug=False, small_write_bytes=0, small_write_streak=0, kernel_headers='auto',
                 headers_cache=kheaders.DEFAULT_CACHE, recreate_maps=False, boot=False,
                 boot_python='/usr/bin/python3', mounted=[], lock_timeout=600)
 # what a boot needs again, kept in the record
-BOOT_PARAMS = ('pin_root', 'cgroup', 'bpffs_mount', 'src_dir', 'loader', 'map_size', 'allow_ports', 'deny_ports',
+BOOT_PARAMS = ('pin_root', 'cgroup', 'whole_host', 'bpffs_mount', 'src_dir', 'loader', 'map_size', 'allow_ports', 'deny_ports',
                'debug', 'small_write_bytes', 'small_write_streak', 'kernel_headers', 'headers_cache',
                'recreate_maps', 'boot', 'boot_python')
 

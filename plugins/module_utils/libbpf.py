@@ -100,15 +100,51 @@ def _open_libbpf():
                        '(a dependency of python3-bpfcc).' % (LIBBPF, e))
 
 
+def missing_functions():
+    """Functions the engine calls that the installed libbpf.so.1 does not export, in a list."""
+    loaded = _open_libbpf()
+    return sorted(name for name in list(_SIGNATURES) + list(_OBJECT_API) + ['bpf_map_create']
+                  if not hasattr(loaded, name))
+
+
+def loaded_version():
+    loaded = _open_libbpf()
+    if not hasattr(loaded, 'libbpf_version_string'):
+        return 'version unknown'
+    loaded.libbpf_version_string.restype = ctypes.c_char_p
+    return 'version ' + loaded.libbpf_version_string().decode()
+
+
 def lib():
     global _lib
     if _lib is None:
         loaded = _open_libbpf()
+        missing = [name for name in _SIGNATURES if not hasattr(loaded, name)]
+        if missing:
+            raise BpfError('libbpf: %s lacks %s; install libbpf 1.0 or later' % (LIBBPF, ', '.join(missing)))
         for name, (argtypes, restype) in _SIGNATURES.items():
             fn = getattr(loaded, name)
             fn.argtypes, fn.restype = argtypes, restype
         _lib = loaded
     return _lib
+
+
+def probe_sockmap_query():
+    """Does BPF_PROG_QUERY work on a sockmap (5.19+)? A throwaway sockhash is asked."""
+    create = _open_libbpf().bpf_map_create
+    create.restype = ctypes.c_int
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
+                       ctypes.c_void_p]
+    fd = create(MAP_TYPE_SOCKHASH, b'sr_probe', 4, 4, 1, None)
+    if fd < 0:
+        return False
+    try:
+        prog_query(fd, ATTACH_SK_MSG_VERDICT)
+        return True
+    except BpfError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _check(rc, what):

@@ -25,7 +25,7 @@ ALLOW, DENY = 1, 2
 SET_ALLOW_LISTED, SET_DEBUG = 1 << 0, 1 << 1
 MAX_PORTS = 1024  # SOCKREDIR_MAX_PORTS, the size of sockredir_ports
 SETTINGS = struct.Struct('=IIII')
-DEFAULT_SMALL_BYTES, DEFAULT_SMALL_STREAK = 32768, 16  # what the programs use for 0
+DEFAULT_SMALL_BYTES, DEFAULT_SMALL_STREAK = 4294967295, 16  # what the programs use for 0
 
 
 def instance_id(pin_root):

@@ -17,7 +17,7 @@ import re
 import stat
 import subprocess
 
-from ansible_collections.ebpf.sockredir.plugins.module_utils import mounts, pins, policy
+from ansible_collections.ebpf.sockredir.plugins.module_utils import libbpf, mounts, pins, policy
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
 MIN_KERNEL = (5, 15)  # bpf_get_netns_cookie() in sock_ops and sk_msg (the sockhash key)
@@ -40,6 +40,9 @@ def check_kernel(inst):
     f = inst.features
     if not f['btf']:
         out.append('kernel: /sys/kernel/btf/vmlinux is missing (a kernel built without CONFIG_DEBUG_INFO_BTF)')
+    if f['bpf_syscall'] and f['sockhash'] and not f.get('sockmap_prog_query'):
+        out.append('kernel: %s has no BPF_PROG_QUERY on a sockmap (Linux 5.19+); the engine asks the kernel '
+                   'which program is attached to the sockhash with it, so 5.15-5.18 are not supported' % release)
     for key, what in (('sock_ops', 'sock_ops programs (CONFIG_CGROUP_BPF)'),
                       ('sk_msg', 'sk_msg programs (CONFIG_NET_SOCK_MSG)'),
                       ('sockhash', 'BPF_MAP_TYPE_SOCKHASH (CONFIG_NET_SOCK_MSG)'),
@@ -53,6 +56,12 @@ def check_options(inst):
     p, out = inst.params, []
     if p['state'] != 'present':
         return out
+    if inst.cgroup == inst.cgroup2_root and not p['whole_host']:
+        # redirected sockets differ from TCP in corners (docs/compatibility.md): every program of
+        # the host is exposed only when someone chose it
+        out.append('cgroup: empty, which is the whole host (%s); name the cgroup of the services to '
+                   'accelerate, or set whole_host: true to redirect every TCP connection of the host'
+                   % inst.cgroup2_root)
     ports = [x for x in p['allow_ports'] + p['deny_ports'] if not 1 <= x <= 65535]
     if ports:
         out.append('allow_ports/deny_ports: ports must be 1-65535, got %s' % ', '.join(map(str, ports)))
@@ -124,8 +133,21 @@ def check_boot(inst):
     return out
 
 
-# Issue 12 (kernel and libbpf versions) adds its checks here.
-PREFLIGHT = [check_options, check_paths, check_kernel, check_boot]
+def check_libbpf(inst):
+    """libbpf.so.1 with every function the engine calls (0.x, e.g. Ubuntu 22.04's 0.5, has another soname)."""
+    if inst.params['state'] != 'present':
+        return []
+    try:
+        missing = libbpf.missing_functions()
+    except BpfError as e:
+        return ['libbpf: %s' % e.msg]
+    if missing:
+        return ['libbpf: %s (%s) lacks %s, which the engine calls; install libbpf 1.0 or later'
+                % (libbpf.LIBBPF, libbpf.loaded_version(), ', '.join(missing))]
+    return []
+
+
+PREFLIGHT = [check_options, check_paths, check_libbpf, check_kernel, check_boot]
 
 
 def _refusal(check):
@@ -147,7 +169,8 @@ def require_root_only_code(path, param):
         raise BpfError('%s: must be an absolute path, got %r' % (param, path), param=param)
     for candidate in _chain(path):
         _require_root_only(candidate, param)
-    proc = subprocess.run([path, '-I', '-c', 'import sys, json; print(json.dumps(sys.path))'],
+    # the boot command runs this too, without an AnsibleModule (no run_command there)
+    proc = subprocess.run([path, '-I', '-c', 'import sys, json; print(json.dumps(sys.path))'],  # pylint: disable=ansible-bad-function
                           capture_output=True, text=True, timeout=30, check=False)
     if proc.returncode != 0:
         raise BpfError('%s: %s does not run (%s)' % (param, path, proc.stderr.strip()[-300:]), param=param)

@@ -98,7 +98,7 @@ settings:
   returned: when pin_dir holds sockredir_cfg
   type: dict
   sample: {"debug": false, "allow_listed": false, "instance": "bd8715c3", "allow_ports": [], "deny_ports": [22],
-           "small_write_bytes": 0, "small_write_streak": 0, "effective_small_write_bytes": 32768,
+           "small_write_bytes": 0, "small_write_streak": 0, "effective_small_write_bytes": 4294967295,
            "effective_small_write_streak": 16, "flags": 0}
 features:
   description: What the running kernel offers.

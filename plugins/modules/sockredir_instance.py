@@ -62,9 +62,16 @@ options:
   cgroup:
     description:
       - cgroup v2 directory to attach to, absolute or relative to the cgroup v2 mount; V("") is the cgroup v2
-        root (every process of the host). Must exist.
+        root (every process of the host), which needs O(whole_host=true). Must exist.
     type: str
     default: ''
+  whole_host:
+    description:
+      - With O(cgroup=""), redirect every TCP connection of the host. Redirected sockets differ from TCP in
+        corners (C(bpf_info) C(compat)), so the whole host is never the default; without this, an empty
+        O(cgroup) is refused with O(state=present).
+    type: bool
+    default: false
   bpffs_mount:
     description: Where bpffs is mounted (or is to be mounted, see RV(needs)).
     type: path
@@ -134,7 +141,7 @@ options:
     type: bool
     default: false
   small_write_bytes:
-    description: A send smaller than this counts towards a small-write streak; V(0) is the program's default (32768).
+    description: A send smaller than this counts towards a one-way streak; V(0) is the program's default (4294967295, so every send counts).
     type: int
     default: 0
   small_write_streak:
@@ -213,6 +220,13 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+engine_seconds:
+  description:
+    - Seconds the engine call took on the host (checks, lock, load, attach, record, facts), without
+      the Python start-up and module transfer around it. C(benchmarks/fleet_rollout.py) reports it.
+  returned: success
+  type: float
+  sample: 0.142
 loader:
   description: Which path the host takes (the object loader or bcc) and what that path needs.
   returned: always
@@ -269,6 +283,8 @@ facts:
   type: dict
 '''
 
+import time
+
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.ebpf.sockredir.plugins.module_utils import bcc_import, instance
@@ -280,6 +296,7 @@ def main():
         state=dict(type='str', default='present', choices=['present', 'absent']),
         pin_root=dict(type='path', default='/sys/fs/bpf/sockredir'),
         cgroup=dict(type='str', default=''),
+        whole_host=dict(type='bool', default=False),
         bpffs_mount=dict(type='path', default='/sys/fs/bpf'),
         bpffs_persist=dict(type='bool', default=False),
         cgroup2_mount=dict(type='path', default=''),
@@ -304,12 +321,14 @@ def main():
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     if module.params['loader'] == 'bcc':
         bcc_import.prefer_bcc()
+    started = time.monotonic()
     try:
         result = instance.converge(module.params, module.check_mode)
     except BpfError as e:
         module.fail_json(**e.to_fail_json())
     except OSError as e:
         module.fail_json(msg='sockredir_instance: %s' % e)
+    result['engine_seconds'] = round(time.monotonic() - started, 3)
     for warning in result.pop('warnings', []):
         module.warn(warning)
     if module._diff:

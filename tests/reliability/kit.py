@@ -20,7 +20,7 @@ import threading
 import time
 
 import conftest
-from support import hostenv
+from support import hostenv, plays
 
 from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, instance
 
@@ -275,14 +275,7 @@ class Redirection(object):
 
 # -- the role, as a playbook -------------------------------------------------
 
-ROLE_PLAY = '''- hosts: localhost
-  connection: local
-  gather_facts: false
-  vars:
-    ansible_python_interpreter: /usr/bin/python3
-  roles:
-    - role: ebpf.sockredir.sockredir
-'''
+ROLE_PLAY = plays.ROLE_PLAY
 
 
 def role_env():

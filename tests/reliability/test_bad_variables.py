@@ -42,6 +42,9 @@ ROLE_CASES = {
                             ['sockredir_cgroup', 'cgroup v2'], None),
     'cgroup that does not exist': (dict(sockredir_cgroup='srrel-no-such-cgroup'),
                                    ['sockredir_cgroup', 'does not exist'], None),
+    # the whole host is never the default: naming both variables, nothing attached to the root cgroup
+    'cgroup empty without whole_host': (dict(sockredir_cgroup=''), ['sockredir_cgroup', 'sockredir_whole_host'],
+                                        None),
     'pin_root outside bpffs': (dict(sockredir_pin_root='/tmp/srrel-pin'), ['sockredir_pin_root'], None),
     'pin_root with ..': (dict(sockredir_pin_root='/sys/fs/bpf/../srrel-escape'), ['sockredir_pin_root'], None),
     'pin_root is the bpffs mount': (dict(sockredir_pin_root='/sys/fs/bpf'), ['sockredir_pin_root'], None),

@@ -119,13 +119,13 @@ def test_killed_at_each_step_of_the_role(role, netns):
 def test_killed_at_random_moments(role, netns):
     rng = random.Random(SEED + 1)
     seen_ids = set()
-    for _ in range(2):
+    for _attempt in range(2):
         run = role.run_killed('present', after=rng.uniform(1.0, 6.0))
         seen_ids.update(role.program_ids().values())
     why = 'seed %d, last kill at %s' % (SEED, run.killed_at)
     full = role.run('present')
     assert full.rc == 0, (why, full)
-    ids, _ = assert_full_state(role, netns, why)
+    ids = assert_full_state(role, netns, why)[0]
     seen_ids.update(ids.values())
     run = role.run_killed('absent', after=rng.uniform(1.0, 3.5))
     done = role.run('absent')

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,6 +20,14 @@ sys.path.insert(0, sys.argv[1])
 if os.environ.get('SRTEST_HIDE_BCC'):
     sys.modules['bcc'] = None  # a host without python3-bpfcc: import bcc fails
 from ansible_collections.ebpf.sockredir.plugins.module_utils import instance
+from ansible_collections.ebpf.sockredir.plugins.module_utils import facts, libbpf
+# What a kernel or a libbpf cannot be made to lack on demand: features reported
+# missing (SRTEST_FEATURES_OFF=a,b) and functions libbpf.so.1 lacks (SRTEST_LIBBPF_MISSING=f,g).
+if os.environ.get('SRTEST_FEATURES_OFF'):
+    real_features = facts.features
+    facts.features = lambda: dict(real_features(), **{k: False for k in os.environ['SRTEST_FEATURES_OFF'].split(',')})
+if os.environ.get('SRTEST_LIBBPF_MISSING'):
+    libbpf.missing_functions = lambda: os.environ['SRTEST_LIBBPF_MISSING'].split(',')
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 params = json.loads(sys.stdin.read())
 try:
@@ -48,8 +55,8 @@ def object_b64():
 class Run(object):
     """One engine run in its own process (and process group)."""
 
-    def __init__(self, params, pause_at=None, workdir='/tmp', hide_bcc=False):
-        env = dict(os.environ, SRTEST_HIDE_BCC='1' if hide_bcc else '')
+    def __init__(self, params, pause_at=None, workdir='/tmp', hide_bcc=False, env_extra=None):
+        env = dict(os.environ, SRTEST_HIDE_BCC='1' if hide_bcc else '', **(env_extra or {}))
         self.gate = None
         if pause_at:
             self.gate = os.path.join(str(workdir), 'pause-%d-%s' % (time.monotonic_ns(), pause_at.replace(' ', '_')))
@@ -105,5 +112,3 @@ def kill_all(runs):
         if r.proc.poll() is None:
             r.kill()
     return runs
-
-

@@ -7,6 +7,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SRC = os.path.join(REPO, 'files', 'bpf', 'sockredir.bpf.c')
 OBJECT = os.path.join(REPO, 'files', 'bpf', 'sockredir.bpf.o')   # SRC built by scripts/build-bpf.sh
 PROGRAMS = [dict(name='sockredir_ops', type='sock_ops'), dict(name='sockredir_msg', type='sk_msg')]
+# The role on this host, as a playbook (tests and benchmarks/rerun.py).
+ROLE_PLAY = '''- hosts: localhost
+  connection: local
+  gather_facts: false
+  vars:
+    ansible_python_interpreter: /usr/bin/python3
+  roles:
+    - role: ebpf.sockredir.sockredir
+'''
+
 MAPS = ['sockredir_hash', 'sockredir_stats', 'sockredir_flows', 'sockredir_gates',
         'sockredir_reqs', 'sockredir_cfg', 'sockredir_ports']
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 
 import pytest
 
@@ -183,6 +184,12 @@ def test_settings_pack_the_flags_and_the_port_verdicts(allow, deny, debug, flags
 
 
 def test_zero_small_write_settings_mean_the_programs_defaults():
+    """0 means the programs' own defaults, which policy.py must state as sockredir.h has them:
+    every send size counts (0xffffffff), 16 sends in a row."""
+    header = os.path.join(os.path.dirname(__file__), '..', '..', 'files', 'bpf', 'sockredir.h')
+    with open(header) as f:
+        defines = dict(re.findall(r'^#define (SOCKREDIR_SMALL_\w+) (\w+?)U?$', f.read(), re.M))
     back = policy.decode(*policy.wanted('/sys/fs/bpf/x', [], []))
-    assert back['small_write_bytes'] == 0 and back['effective_small_write_bytes'] == 32768
-    assert back['small_write_streak'] == 0 and back['effective_small_write_streak'] == 16
+    assert back['small_write_bytes'] == 0 and back['small_write_streak'] == 0
+    assert back['effective_small_write_bytes'] == int(defines['SOCKREDIR_SMALL_BYTES'], 0) == 0xffffffff
+    assert back['effective_small_write_streak'] == int(defines['SOCKREDIR_SMALL_STREAK'], 0) == 16

@@ -8,7 +8,15 @@ Moves itself into CGROUP_DIR (so its sockets belong to that cgroup and the
 sock_ops program attached there sees them), unshares a new network namespace
 (so the loopback counters count this script's packets only), then for IPv4
 (127.0.0.1) and IPv6 (::1) opens one connection, sends MIB MiB of random data
-each way and checks both ends' SHA-256. Prints one JSON object:
+each way at the same time (full duplex: each side reads while it writes, and
+the client shuts down its sending side only after it received everything)
+and checks both ends' SHA-256. A one-byte hello goes each way first: a
+direction that streams 16 sends without receiving anything switches to TCP
+(the programs' default small-write policy counts every size), and a socket
+that has received redirected bytes never does, so with the hello both
+directions stay redirected. (A reply that starts after the client's
+shutdown(SHUT_WR) goes TCP by design: docs/design.md, "The path of a flow".)
+Prints one JSON object:
 
   {"ipv4": {"bytes": ..., "sent_sha256": ..., "received_sha256": ...,
             "echo_sent_sha256": ..., "echo_received_sha256": ...,
@@ -66,15 +74,25 @@ def send_random(sock, mib):
     return digest.hexdigest()
 
 
-def receive_all(sock):
+def receive_all(sock, limit=None):
+    """(sha256, bytes) of what arrives until EOF, or until limit bytes arrived."""
     digest = hashlib.sha256()
     total = 0
-    while True:
-        data = sock.recv(CHUNK)
+    while limit is None or total < limit:
+        data = sock.recv(CHUNK if limit is None else min(CHUNK, limit - total))
         if not data:
-            return digest.hexdigest(), total
+            break
         digest.update(data)
         total += len(data)
+    return digest.hexdigest(), total
+
+
+def in_background(result, key, fn, *args):
+    def run():
+        result[key] = fn(*args)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
 
 
 def one_connection(family, address, mib):
@@ -86,11 +104,15 @@ def one_connection(family, address, mib):
     server = {}
 
     def serve():
-        conn, _ = listener.accept()
+        conn = listener.accept()[0]
         conn.settimeout(TIMEOUT)
         with conn:
+            if conn.recv(1) != b'h':
+                raise RuntimeError('no hello from the client')
+            conn.sendall(b'h')
+            sender = in_background(server, 'echo_sent', send_random, conn, mib)
             server['received'], server['bytes'] = receive_all(conn)
-            server['echo_sent'] = send_random(conn, mib)
+            sender.join(TIMEOUT)
 
     rx_bytes0, rx_packets0 = lo_counters()
     start = time.monotonic()
@@ -100,9 +122,17 @@ def one_connection(family, address, mib):
     client.settimeout(TIMEOUT)
     client.connect((address, port))
     with client:
+        client.sendall(b'h')
+        if client.recv(1) != b'h':
+            raise RuntimeError('no hello from the server')
+        echo = {}
+        reader = in_background(echo, 'received', receive_all, client, mib * CHUNK)
         sent = send_random(client, mib)
+        reader.join(TIMEOUT)
+        echo_received, echo_bytes = echo.get('received', (None, 0))
         client.shutdown(socket.SHUT_WR)
-        echo_received, echo_bytes = receive_all(client)
+        trailing = receive_all(client)[1]     # then EOF, with nothing more
+        echo_bytes += trailing
     thread.join(TIMEOUT)
     listener.close()
     seconds = time.monotonic() - start

@@ -17,7 +17,7 @@ import sys
 
 
 def bpftool(*args):
-    out = subprocess.run(['bpftool', *args, '--json'], capture_output=True, text=True)
+    out = subprocess.run(['bpftool', *args, '--json'], capture_output=True, text=True, check=False)
     return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else []
 
 
@@ -32,7 +32,7 @@ def digest(path):
 def main():
     cgroup, paths = sys.argv[1], sys.argv[2:]
     mounts = subprocess.run(['findmnt', '--json', '--types', 'bpf,cgroup2', '--output', 'TARGET,FSTYPE'],
-                            capture_output=True, text=True).stdout
+                            capture_output=True, text=True, check=False).stdout
     print(json.dumps(dict(
         kernel=os.uname().release,
         programs=sorted('%s %s' % (p['id'], p.get('name', '')) for p in bpftool('prog', 'show')),
