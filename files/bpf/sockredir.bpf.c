@@ -145,8 +145,8 @@ static __always_inline void sockredir_trace(__u32 stat, __u32 instance, const st
 		bpf_trace_printk("sockredir %x %u>%u to tcp: peer absent\n", instance, l, r); break;
 	case SOCKREDIR_STAT_REMOVED:
 		bpf_trace_printk("sockredir %x %u>%u left the sockhash\n", instance, l, r); break;
-	case SOCKREDIR_STAT_DEMOTION_REFUSED:
-		bpf_trace_printk("sockredir %x %u>%u small writes stay redirected\n", instance, l, r); break;
+	case SOCKREDIR_STAT_DEMOTED_BOTH_WAYS:
+		bpf_trace_printk("sockredir %x %u>%u to tcp both ways: small writes\n", instance, l, r); break;
 	}
 }
 #else
@@ -474,7 +474,7 @@ static __always_inline int sockredir_go_tcp(__u32 *flags, struct sockredir_key *
 	__u32 closed = SOCKREDIR_GATE_CLOSED;
 	__u32 *gate;
 
-	*flags |= SOCKREDIR_FLOW_TCP;
+	*flags |= SOCKREDIR_FLOW_TCP | SOCKREDIR_FLOW_TCP_SEEN;
 	if (!sockredir_gate_set(own, &closed))
 		goto removable;
 	gate = sockredir_gate_get(own);
@@ -484,6 +484,22 @@ static __always_inline int sockredir_go_tcp(__u32 *flags, struct sockredir_key *
 removable:
 	*flags |= SOCKREDIR_FLOW_REMOVE;
 	return 1;
+}
+
+/*
+ * Switch the peer's direction to TCP (redirect -> TCP keeps the order). Its
+ * sk_msg may be redirecting into us at this moment (the redirect completes
+ * after the verdict, outside its socket lock): only its own next send, which
+ * sees the flag and sets SOCKREDIR_FLOW_TCP_SEEN, tells that none is in
+ * flight any more, and this socket leaves the map no earlier
+ * (sockredir_on_ack). Not atomic (no 32-bit atomics before -mcpu=v3): the
+ * peer's sk_msg may write its flags at the same moment and undo this. Then it
+ * just keeps redirecting, and this socket stays in the map: slower, never out
+ * of order, nothing lost.
+ */
+static __always_inline void sockredir_peer_go_tcp(struct sockredir_flow *flow, int side)
+{
+	flow->flags[side ^ 1] |= SOCKREDIR_FLOW_TCP;
 }
 
 /*
@@ -505,7 +521,8 @@ static __always_inline void sockredir_leave(struct bpf_sock_ops *skops,
  * the spurious EAGAIN of a socket in a sockhash fed by TCP). Deleting drops
  * the socket's unread redirected bytes, so only when it has none and will
  * get none: its gate was closed before anything was redirected into it, or
- * its peer redirects no more and its queue is empty.
+ * its peer has sent over TCP since its direction switched (so no redirect of
+ * it is in flight, SOCKREDIR_FLOW_TCP_SEEN) and its queue is empty.
  */
 static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
 					     struct sockredir_key *key)
@@ -524,7 +541,7 @@ static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 			return;
 		}
-		if (((peer & SOCKREDIR_FLOW_ADMITTED) && !(peer & SOCKREDIR_FLOW_TCP)) ||
+		if (((peer & SOCKREDIR_FLOW_ADMITTED) && !(peer & SOCKREDIR_FLOW_TCP_SEEN)) ||
 		    !sockredir_ingress_empty(skops))
 			return;	/* ask again at the next ACK */
 	}
@@ -557,12 +574,7 @@ static __always_inline void sockredir_on_shutdown(struct bpf_sock_ops *skops,
 		sockredir_leave(skops, key, &flow->flags[side]);
 		return;
 	}
-	/*
-	 * Not atomic (no 32-bit atomics before -mcpu=v3): the peer's sk_msg
-	 * may write its flags at the same moment and undo this. Then it just
-	 * keeps redirecting, as it would have without this line.
-	 */
-	flow->flags[side ^ 1] |= SOCKREDIR_FLOW_TCP;
+	sockredir_peer_go_tcp(flow, side);
 }
 
 static __always_inline void sockredir_forget(struct sockredir_key *key)
@@ -658,29 +670,38 @@ int sockredir_msg(struct sk_msg_md *msg)
 	 * SK_PASS without a redirect target sends the data the normal TCP way
 	 * (SK_DROP would fail the sendmsg() with EACCES).
 	 */
-	if (*flags & SOCKREDIR_FLOW_TCP)
+	if (*flags & SOCKREDIR_FLOW_TCP) {
+		/* set by the peer (sockredir_peer_go_tcp): tell it we saw it */
+		*flags |= SOCKREDIR_FLOW_TCP_SEEN;
 		return sockredir_pass(size);
+	}
 
 	cfg = sockredir_settings_get();
 	small_bytes = cfg && cfg->small_bytes ? cfg->small_bytes : SOCKREDIR_SMALL_BYTES;
 	small_streak = cfg && cfg->small_streak ? cfg->small_streak : SOCKREDIR_SMALL_STREAK;
 	if (size >= small_bytes) {
 		*streak = 0;
-	} else if (++*streak >= small_streak && SOCKREDIR_SEES_INGRESS &&
-		   !(*flags & SOCKREDIR_FLOW_KEEP)) {
+	} else if (++*streak >= small_streak && SOCKREDIR_SEES_INGRESS) {
 		/*
-		 * A stream of small writes: TCP coalesces them, a redirect
-		 * pays a wake-up each. Only if the socket can leave the map
-		 * (a TCP sender left in it pays the sk_msg copy and can see
-		 * spurious EAGAIN on blocking reads).
+		 * A one-way stream: TCP coalesces its writes, a redirect pays
+		 * a wake-up each (and on some kernels is slower than loopback
+		 * for large ones). A socket that nothing was redirected into
+		 * closes its gate and goes TCP alone; it leaves the map at its
+		 * next ACK. One that received redirected bytes cannot leave
+		 * yet (they may wait in its queue), and a TCP sender left in
+		 * the map pays the sk_msg copy: the whole connection goes TCP
+		 * (redirect -> TCP keeps the order each way), and each socket
+		 * leaves the map at an ACK once its queue is drained
+		 * (sockredir_on_ack).
 		 */
 		if (sockredir_may_leave(&own) && sockredir_go_tcp(flags, &own)) {
 			sockredir_decided(SOCKREDIR_STAT_DEMOTED_SMALL_WRITES, &own);
 			return sockredir_pass(size);
 		}
-		*flags &= ~SOCKREDIR_FLOW_TCP;
-		*flags |= SOCKREDIR_FLOW_KEEP;
-		sockredir_decided(SOCKREDIR_STAT_DEMOTION_REFUSED, &own);
+		*flags |= SOCKREDIR_FLOW_TCP | SOCKREDIR_FLOW_TCP_SEEN;
+		sockredir_peer_go_tcp(flow, side);
+		sockredir_decided(SOCKREDIR_STAT_DEMOTED_BOTH_WAYS, &own);
+		return sockredir_pass(size);
 	}
 
 	if (!(*flags & SOCKREDIR_FLOW_PEER_GATE_OPEN)) {

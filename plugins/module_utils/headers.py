@@ -9,6 +9,14 @@ only use UAPI structs (ours), Debian's generic linux-headers-<flavour> serve.
 Debian splits them in two trees (<ver>-<flavour>: generated files, <ver>-common:
 the rest), and BCC_KERNEL_SOURCE takes only one directory, so we merge the two
 as symlinks in a private cache directory. Nothing is written under /lib/modules.
+
+A kernel built with CONFIG_IKHEADERS carries its own headers as
+/sys/kernel/kheaders.tar.xz (built in, or from the kheaders module). That is
+the last resort, and the only one on a host whose distribution has no headers
+package for the running kernel: we load the module if the file is missing and
+unpack the archive once per kernel release into the cache directory. BCC has
+the same fallback, but reaches it only when no other tree is found, and
+unpacks into /tmp on every compile.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -19,11 +27,13 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 
 from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfError
 
 DEFAULT_CACHE = '/var/cache/ebpf-sockredir/kernel-headers'
+KHEADERS_ARCHIVE = '/sys/kernel/kheaders.tar.xz'
 
 
 def _version_key(path):
@@ -68,19 +78,91 @@ def _merge(flavour, common, cache_dir):
     return target
 
 
+def _kheaders_available(release, cache_dir, modules_root, archive):
+    """'unpacked' (cached earlier), 'builtin' (the archive is there), 'module' (modprobe would
+    provide it) or None."""
+    if os.path.exists(os.path.join(cache_dir, 'kheaders-' + release, '.ebpf-sockredir-complete')):
+        return 'unpacked'
+    if os.path.isfile(archive):
+        return 'builtin'
+    try:
+        with open(os.path.join(modules_root, release, 'modules.dep')) as dep:
+            if any(re.match(r'\S*/kheaders\.ko(\.\w+)?:', line) for line in dep):
+                return 'module'
+    except OSError:
+        pass
+    return None
+
+
+def _unpack_kheaders(release, cache_dir, archive):
+    """Unpack the kernel's own header archive into cache_dir/kheaders-<release>, once."""
+    target = os.path.join(cache_dir, 'kheaders-' + release)
+    stamp = os.path.join(target, '.ebpf-sockredir-complete')
+    if os.path.exists(stamp):
+        return target
+    if not os.path.isfile(archive):
+        # not module.run_command: the boot command runs this engine without an AnsibleModule
+        modprobe = shutil.which('modprobe', path=os.pathsep.join([os.environ.get('PATH', ''), '/usr/sbin', '/sbin']))
+        why = 'no modprobe command'
+        if modprobe:
+            probe = subprocess.run([modprobe, 'kheaders'], check=False,  # pylint: disable=ansible-bad-function
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+            why = probe.stderr.strip() or 'exit %d' % probe.returncode
+        if not os.path.isfile(archive):
+            raise BpfError('kernel_headers: %s is missing and "modprobe kheaders" did not provide it: %s'
+                           % (archive, why), param='kernel_headers')
+    os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.kheaders-', dir=cache_dir)
+    try:
+        with tarfile.open(archive, 'r:xz') as tar:
+            if hasattr(tarfile, 'data_filter'):  # Python >= 3.12 and the 3.8-3.11 security backports
+                tar.extractall(tmp, filter='data')
+            else:
+                tar.extractall(tmp)  # nosec: the archive is the running kernel's own
+        open(os.path.join(tmp, '.ebpf-sockredir-complete'), 'w').close()
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except (OSError, tarfile.TarError, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BpfError('kernel_headers: could not unpack %s into %s: %s' % (archive, cache_dir, e),
+                       param='kernel_headers')
+    return target
+
+
+def _kheaders(release, cache_dir, check_mode, modules_root, archive):
+    source = _kheaders_available(release, cache_dir, modules_root, archive)
+    if source is None:
+        return None
+    target = os.path.join(cache_dir, 'kheaders-' + release)
+    if not check_mode:
+        target = _unpack_kheaders(release, cache_dir, archive)
+    return dict(kind='kheaders', path=target, env={'BCC_KERNEL_SOURCE': target},
+                archive=dict(unpacked='%s (unpacked before)', builtin='%s', module='%s (module kheaders)')[source] % archive)
+
+
 def resolve(kernel_headers='auto', cache_dir=DEFAULT_CACHE, release=None, check_mode=False,
-            modules_root='/lib/modules', src_root='/usr/src'):
+            modules_root='/lib/modules', src_root='/usr/src', kheaders_archive=KHEADERS_ARCHIVE):
     """dict(kind, path, env) telling BCC where the headers are.
 
     kind is 'running-kernel' (/lib/modules/<release>/build), 'generic' (Debian's
-    generic headers merged in cache_dir) or 'explicit' (the path the user gave).
+    generic headers merged in cache_dir), 'kheaders' (the kernel's own archive,
+    CONFIG_IKHEADERS, unpacked in cache_dir) or 'explicit' (the path the user gave).
     """
     release = release or os.uname().release
+    if kernel_headers == 'kheaders':
+        found = _kheaders(release, cache_dir, check_mode, modules_root, kheaders_archive)
+        if found is None:
+            raise BpfError('kernel_headers: "kheaders" was asked for, but this kernel has no %s and no kheaders '
+                           'module (CONFIG_IKHEADERS is not set); expected "auto" or a header directory'
+                           % kheaders_archive, param='kernel_headers')
+        return found
     if kernel_headers != 'auto':
         path = os.path.normpath(kernel_headers)
         if not os.path.isdir(os.path.join(path, 'include')):
             raise BpfError('kernel_headers: %s is not a kernel header tree (no include/ directory); '
-                           'expected "auto" or a directory like /lib/modules/<release>/build'
+                           'expected "auto", "kheaders" or a directory like /lib/modules/<release>/build'
                            % kernel_headers, param='kernel_headers')
         return dict(kind='explicit', path=path, env={'BCC_KERNEL_SOURCE': path})
 
@@ -89,15 +171,20 @@ def resolve(kernel_headers='auto', cache_dir=DEFAULT_CACHE, release=None, check_
         return dict(kind='running-kernel', path=os.path.realpath(build), env={})
 
     trees = _generic_debian_trees(src_root)
-    if trees is None:
-        raise BpfError(
-            'kernel_headers: BCC needs kernel headers and none were found: %s does not exist and '
-            'no generic headers are installed in %s. Install linux-headers-%s (distribution kernel) '
-            'or, for a custom kernel on Debian, linux-headers-amd64 (or your architecture\'s flavour).'
-            % (build, src_root, release), param='kernel_headers')
-    flavour, common = trees
-    target = os.path.join(cache_dir, os.path.basename(flavour))
-    if not check_mode:
-        target = _merge(flavour, common, cache_dir)
-    return dict(kind='generic', path=target, env={'BCC_KERNEL_SOURCE': target},
-                package_tree=flavour)
+    if trees is not None:
+        flavour, common = trees
+        target = os.path.join(cache_dir, os.path.basename(flavour))
+        if not check_mode:
+            target = _merge(flavour, common, cache_dir)
+        return dict(kind='generic', path=target, env={'BCC_KERNEL_SOURCE': target},
+                    package_tree=flavour)
+
+    found = _kheaders(release, cache_dir, check_mode, modules_root, kheaders_archive)
+    if found is not None:
+        return found
+    raise BpfError(
+        'kernel_headers: BCC needs kernel headers and none were found: %s does not exist, no generic '
+        'headers are installed in %s and the kernel has no %s (CONFIG_IKHEADERS). Install the running '
+        'kernel\'s headers (Debian/Ubuntu: linux-headers-%s; RHEL/Fedora: kernel-devel-%s) or, for a '
+        'custom kernel on Debian, linux-headers-amd64 (or your architecture\'s flavour).'
+        % (build, src_root, kheaders_archive, release, release), param='kernel_headers')

@@ -120,14 +120,18 @@ options:
         C(linux-headers-$(uname -r\)) installed). Otherwise it uses Debian's generic headers
         (C(linux-headers-amd64) or another flavour) if installed, merged as symlinks into
         O(headers_cache), which serve programs that only use UAPI structs, like this collection's.
-        Nothing is ever written under C(/lib/modules).
+        Last, the kernel's own header archive C(/sys/kernel/kheaders.tar.xz) (C(CONFIG_IKHEADERS);
+        the C(kheaders) module is loaded when the archive is missing), unpacked once per kernel
+        release into O(headers_cache). Nothing is ever written under C(/lib/modules).
+      - V(kheaders) takes the kernel's own header archive even when other headers are installed,
+        and fails when the kernel has none.
       - Any other value is a header directory handed to BCC as C(BCC_KERNEL_SOURCE).
       - The result reports which was used in RV(kernel_headers).
     type: str
     default: auto
   headers_cache:
-    description: Where the merged generic headers are kept (only with O(kernel_headers=auto) and no
-      headers for the running kernel).
+    description: Where the merged generic headers and the unpacked kernel header archive are kept
+      (only when no headers for the running kernel are installed, or with O(kernel_headers=kheaders)).
     type: path
     default: /var/cache/ebpf-sockredir/kernel-headers
   recreate_maps:

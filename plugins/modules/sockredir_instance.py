@@ -149,7 +149,7 @@ options:
     type: int
     default: 0
   kernel_headers:
-    description: V(auto) or a kernel header directory, as for M(ebpf.sockredir.bpf_program).
+    description: V(auto), V(kheaders) or a kernel header directory, as for M(ebpf.sockredir.bpf_program).
     type: str
     default: auto
   headers_cache:

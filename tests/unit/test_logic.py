@@ -3,6 +3,7 @@
 import hashlib
 import os
 import re
+import tarfile
 
 import pytest
 
@@ -81,9 +82,61 @@ def test_generic_debian_headers_are_merged_newest_first(tmp_path):
 
 def test_no_headers_names_the_packages_to_install(tmp_path):
     with pytest.raises(BpfError) as e:
-        headers.resolve(modules_root=str(tmp_path), src_root=str(tmp_path), release='6.2.0-x')
+        headers.resolve(modules_root=str(tmp_path), src_root=str(tmp_path), release='6.2.0-x',
+                        kheaders_archive=str(tmp_path / 'kheaders.tar.xz'))
     assert e.value.param == 'kernel_headers'
     assert 'linux-headers-6.2.0-x' in e.value.msg and 'linux-headers-amd64' in e.value.msg
+    assert 'kernel-devel-6.2.0-x' in e.value.msg and 'CONFIG_IKHEADERS' in e.value.msg
+
+
+def _kheaders_archive(tmp_path):
+    """A stand-in for /sys/kernel/kheaders.tar.xz (this host's kernel has no CONFIG_IKHEADERS;
+    the real archive is unpacked and compiled against in molecule/vm's Debian 12 guest)."""
+    tree = _tree(tmp_path, 'kh', 'include', 'generated', 'uapi')
+    open(os.path.join(tree, 'version.h'), 'w').close()
+    archive = str(tmp_path / 'kheaders.tar.xz')
+    with tarfile.open(archive, 'w:xz') as tar:
+        tar.add(str(tmp_path / 'kh'), arcname='.')
+    return archive
+
+
+def test_kheaders_are_the_last_resort_and_unpacked_once(tmp_path):
+    archive = _kheaders_archive(tmp_path)
+    cache = tmp_path / 'cache'
+    kw = dict(modules_root=str(tmp_path / 'none'), src_root=str(tmp_path / 'none'), release='6.12.9-x',
+              cache_dir=str(cache), kheaders_archive=archive)
+    planned = headers.resolve(check_mode=True, **kw)
+    assert planned['kind'] == 'kheaders' and not cache.exists()  # check mode unpacks nothing
+    got = headers.resolve(**kw)
+    assert got['path'] == planned['path'] == str(cache / 'kheaders-6.12.9-x')
+    assert got['env'] == {'BCC_KERNEL_SOURCE': got['path']}
+    assert os.path.isfile(os.path.join(got['path'], 'include', 'generated', 'uapi', 'version.h'))
+    os.remove(archive)  # unpacked once per release: the cache serves without the archive
+    assert headers.resolve(**kw)['path'] == got['path']
+    # a running kernel's own headers still come first
+    _tree(tmp_path, 'none', '6.12.9-x', 'build', 'include')
+    assert headers.resolve(**kw)['kind'] == 'running-kernel'
+
+
+def test_kheaders_module_counts_as_available_until_modprobe_fails(tmp_path):
+    modules = _tree(tmp_path, 'modules', '6.1.0-9-amd64')
+    with open(os.path.join(modules, 'modules.dep'), 'w') as dep:
+        dep.write('kernel/kernel/kheaders.ko.xz:\nkernel/net/ipv4/tcp_bic.ko.xz:\n')
+    kw = dict(kernel_headers='kheaders', modules_root=str(tmp_path / 'modules'), src_root=str(tmp_path),
+              release='6.1.0-9-amd64', cache_dir=str(tmp_path / 'cache'),
+              kheaders_archive=str(tmp_path / 'absent.tar.xz'))
+    assert headers.resolve(check_mode=True, **kw)['archive'].endswith('(module kheaders)')
+    with pytest.raises(BpfError) as e:  # modprobe cannot make an archive appear at this path
+        headers.resolve(**kw)
+    assert e.value.param == 'kernel_headers' and 'modprobe kheaders' in e.value.msg
+    assert not os.path.exists(str(tmp_path / 'cache'))  # nothing half-unpacked is left
+
+
+def test_kheaders_asked_for_on_a_kernel_without_them(tmp_path):
+    with pytest.raises(BpfError) as e:
+        headers.resolve('kheaders', modules_root=str(tmp_path), src_root=str(tmp_path), release='6.2.0-x',
+                        kheaders_archive=str(tmp_path / 'kheaders.tar.xz'))
+    assert e.value.param == 'kernel_headers' and 'CONFIG_IKHEADERS' in e.value.msg
 
 
 class FakePins(object):

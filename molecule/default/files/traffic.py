@@ -7,15 +7,13 @@ Usage: traffic.py CGROUP_DIR MIB
 Moves itself into CGROUP_DIR (so its sockets belong to that cgroup and the
 sock_ops program attached there sees them), unshares a new network namespace
 (so the loopback counters count this script's packets only), then for IPv4
-(127.0.0.1) and IPv6 (::1) opens one connection, sends MIB MiB of random data
-each way at the same time (full duplex: each side reads while it writes, and
-the client shuts down its sending side only after it received everything)
-and checks both ends' SHA-256. A one-byte hello goes each way first: a
-direction that streams 16 sends without receiving anything switches to TCP
-(the programs' default small-write policy counts every size), and a socket
-that has received redirected bytes never does, so with the hello both
-directions stay redirected. (A reply that starts after the client's
-shutdown(SHUT_WR) goes TCP by design: docs/design.md, "The path of a flow".)
+(127.0.0.1) and IPv6 (::1) opens one connection and moves MIB MiB of random
+data each way in turns of 32 KiB (the client sends one, the server reads it
+and answers with one of its own, and so on), then the client shuts down its
+sending side and sees EOF; both ends' SHA-256 are compared. Turns, because
+the programs' default policy switches a direction to TCP after 16 sends in a
+row with nothing received (docs/design.md, "The path of a flow"), and this
+script must show both directions redirected.
 Prints one JSON object:
 
   {"ipv4": {"bytes": ..., "sent_sha256": ..., "received_sha256": ...,
@@ -40,6 +38,8 @@ import time
 
 CLONE_NEWNET = 0x40000000
 CHUNK = 1 << 20
+# One turn of the exchange: one sk_msg verdict per send (a send of up to ~64 KiB is one)
+TURN = 32 << 10
 TIMEOUT = 60
 
 
@@ -64,35 +64,21 @@ def lo_counters():
     raise RuntimeError('no lo in /proc/self/net/dev')
 
 
-def send_random(sock, mib):
-    digest = hashlib.sha256()
-    block = bytearray(os.urandom(CHUNK))
-    for i in range(mib):
-        block[:8] = i.to_bytes(8, 'little')  # every MiB differs
-        digest.update(block)
-        sock.sendall(block)
-    return digest.hexdigest()
+def block_of(seed):
+    """TURN bytes, a fresh random block per seed (the seed is written in its first 8 bytes)."""
+    block = bytearray(os.urandom(TURN))
+    block[:8] = seed.to_bytes(8, 'little')
+    return bytes(block)
 
 
-def receive_all(sock, limit=None):
-    """(sha256, bytes) of what arrives until EOF, or until limit bytes arrived."""
-    digest = hashlib.sha256()
-    total = 0
-    while limit is None or total < limit:
-        data = sock.recv(CHUNK if limit is None else min(CHUNK, limit - total))
-        if not data:
-            break
-        digest.update(data)
-        total += len(data)
-    return digest.hexdigest(), total
-
-
-def in_background(result, key, fn, *args):
-    def run():
-        result[key] = fn(*args)
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+def recv_exactly(sock, size):
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise RuntimeError('EOF after %d of %d bytes' % (len(data), size))
+        data += chunk
+    return bytes(data)
 
 
 def one_connection(family, address, mib):
@@ -101,18 +87,21 @@ def one_connection(family, address, mib):
     listener.bind((address, 0))
     listener.listen(1)
     port = listener.getsockname()[1]
-    server = {}
+    turns = mib * (CHUNK // TURN)
+    server = dict(received=hashlib.sha256(), sent=hashlib.sha256(), bytes=0)
 
     def serve():
         conn = listener.accept()[0]
         conn.settimeout(TIMEOUT)
         with conn:
-            if conn.recv(1) != b'h':
-                raise RuntimeError('no hello from the client')
-            conn.sendall(b'h')
-            sender = in_background(server, 'echo_sent', send_random, conn, mib)
-            server['received'], server['bytes'] = receive_all(conn)
-            sender.join(TIMEOUT)
+            for i in range(turns):
+                data = recv_exactly(conn, TURN)
+                server['received'].update(data)
+                server['bytes'] += len(data)
+                reply = block_of(turns + i)
+                server['sent'].update(reply)
+                conn.sendall(reply)
+            server['eof'] = conn.recv(1) == b''
 
     rx_bytes0, rx_packets0 = lo_counters()
     start = time.monotonic()
@@ -121,27 +110,28 @@ def one_connection(family, address, mib):
     client = socket.socket(family, socket.SOCK_STREAM)
     client.settimeout(TIMEOUT)
     client.connect((address, port))
+    sent, echo_received, echo_bytes = hashlib.sha256(), hashlib.sha256(), 0
     with client:
-        client.sendall(b'h')
-        if client.recv(1) != b'h':
-            raise RuntimeError('no hello from the server')
-        echo = {}
-        reader = in_background(echo, 'received', receive_all, client, mib * CHUNK)
-        sent = send_random(client, mib)
-        reader.join(TIMEOUT)
-        echo_received, echo_bytes = echo.get('received', (None, 0))
+        for i in range(turns):
+            block = block_of(i)
+            sent.update(block)
+            client.sendall(block)
+            data = recv_exactly(client, TURN)
+            echo_received.update(data)
+            echo_bytes += len(data)
         client.shutdown(socket.SHUT_WR)
-        trailing = receive_all(client)[1]     # then EOF, with nothing more
-        echo_bytes += trailing
+        echo_bytes += len(client.recv(1))     # then EOF, with nothing more
     thread.join(TIMEOUT)
     listener.close()
     seconds = time.monotonic() - start
     rx_bytes1, rx_packets1 = lo_counters()
-    return dict(bytes=server.get('bytes', 0), echo_bytes=echo_bytes,
-                sent_sha256=sent, received_sha256=server.get('received'),
-                echo_sent_sha256=server.get('echo_sent'), echo_received_sha256=echo_received,
-                intact=(sent == server.get('received') and echo_received == server.get('echo_sent')
-                        and server.get('bytes') == echo_bytes == mib * CHUNK),
+    sent, received = sent.hexdigest(), server['received'].hexdigest()
+    echo_sent, echo_received = server['sent'].hexdigest(), echo_received.hexdigest()
+    return dict(bytes=server['bytes'], echo_bytes=echo_bytes,
+                sent_sha256=sent, received_sha256=received,
+                echo_sent_sha256=echo_sent, echo_received_sha256=echo_received,
+                intact=(sent == received and echo_sent == echo_received and server.get('eof', False)
+                        and server['bytes'] == echo_bytes == mib * CHUNK),
                 seconds=round(seconds, 3),
                 lo_packets=rx_packets1 - rx_packets0, lo_bytes=rx_bytes1 - rx_bytes0)
 
