@@ -35,9 +35,10 @@
 # only; the key of a run is passed on the kernel command line as
 # sockredir_vm.ssh_key=<base64 of the public key line>, a unit writes it to
 # /root/.ssh/authorized_keys before sshd starts), systemd-networkd DHCP on
-# the qemu user-mode network, the kernel's own headers (linux-headers-amd64
-# depends on linux-headers-<release>), python3, python3-apt (Ansible's apt
-# module), python3-bpfcc, bpftool, iproute2. Host packages this needs
+# the qemu user-mode network, python3, python3-apt (Ansible's apt module),
+# bpftool (the scenarios' witness), iproute2; bookworm also the kernel's own
+# headers (linux-headers-amd64 depends on linux-headers-<release>) and
+# python3-bpfcc, for the bcc loader; trixie neither (SUITE_PACKAGES). Host packages this needs
 # (qemu-system-x86, qemu-utils, mmdebstrap, e2fsprogs, openssh-client) are
 # installed with apt-get when missing.
 set -euo pipefail
@@ -45,10 +46,25 @@ set -euo pipefail
 GUEST_SUITES=(bookworm trixie)
 GUEST_PACKAGES=(
   systemd-sysv udev dbus
-  linux-image-amd64 linux-headers-amd64
+  linux-image-amd64
   openssh-server
-  python3 python3-apt python3-bpfcc bpftool
+  python3 python3-apt bpftool
   iproute2 procps
+)
+# What each suite adds, per the loader its scenario converges with
+# (molecule/vm/vars/guest.yml, vm_suites): bookworm tests the bcc loader, so
+# it gets BCC and the kernel's headers; trixie tests the prebuilt object and
+# gets no compiler, no headers and no BCC (the build checks that none of them
+# came in as a dependency).
+declare -A SUITE_PACKAGES=(
+  [bookworm]="linux-headers-amd64 python3-bpfcc"
+  [trixie]=""
+)
+# What a compiler-free suite must not have installed: package names, as an
+# extended regular expression (compilers, LLVM, kernel headers, BCC).
+declare -A SUITE_ABSENT=(
+  [bookworm]=""
+  [trixie]="^(clang|libclang|llvm|libllvm|linux-headers-|linux-compiler-|python3-bpfcc$|libbpfcc|bpfcc|gcc$|gcc-[0-9]+$|gcc-[0-9]+-x86-64|cpp$|cpp-[0-9]+)"
 )
 HOST_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client)
 # free space left in the guest's root file system beyond its contents
@@ -76,6 +92,9 @@ case " ${GUEST_SUITES[*]} " in
   *" $GUEST_SUITE "*) ;;
   *) log "unknown suite '$GUEST_SUITE' (SOCKREDIR_VM_SUITE): one of ${GUEST_SUITES[*]}"; exit 2 ;;
 esac
+
+# shellcheck disable=SC2206  # the per-suite lists are space-separated words
+GUEST_PACKAGES+=(${SUITE_PACKAGES[$GUEST_SUITE]})
 
 if [ "$(id -u)" != 0 ]; then
   log "run as root (mmdebstrap in root mode, apt-get, the cache in /var/cache)"
@@ -225,8 +244,15 @@ t1=$(date +%s)
 release=$(basename "$(ls -d "$rootfs"/lib/modules/*)")
 [ -f "$rootfs/boot/vmlinuz-$release" ] && [ -f "$rootfs/boot/initrd.img-$release" ] \
   || { log "no kernel or initrd for $release in the root file system"; exit 1; }
-[ -d "$rootfs/usr/src/linux-headers-$release" ] \
-  || { log "linux-headers-$release is not installed: the headers do not match the kernel"; exit 1; }
+if [[ " ${GUEST_PACKAGES[*]} " == *" linux-headers-amd64 "* ]]; then
+  [ -d "$rootfs/usr/src/linux-headers-$release" ] \
+    || { log "linux-headers-$release is not installed: the headers do not match the kernel"; exit 1; }
+fi
+# A compiler-free suite: nothing of a compiler, headers or BCC came in.
+if [ -n "${SUITE_ABSENT[$GUEST_SUITE]}" ]; then
+  absent=$(awk -v re="${SUITE_ABSENT[$GUEST_SUITE]}" '$1 ~ re { print $1 }' "$work/packages.txt" | paste -sd' ')
+  [ -z "$absent" ] || { log "$GUEST_SUITE must have no package matching ${SUITE_ABSENT[$GUEST_SUITE]}; installed: $absent"; exit 1; }
+fi
 cp "$rootfs/boot/vmlinuz-$release" "$work/vmlinuz"
 cp "$rootfs/boot/initrd.img-$release" "$work/initrd.img"
 lsm=$(sed -n 's/^CONFIG_LSM="\(.*\)"$/\1/p' "$rootfs/boot/config-$release")
@@ -243,7 +269,7 @@ work, suite, release, lsm, key, debootstrap_s, mkfs_s, total_s = sys.argv[1:]
 packages = dict(line.split(' ', 1) for line in open(work + '/packages.txt').read().splitlines())
 wanted = ['linux-image-' + release, 'linux-headers-' + release, 'linux-image-amd64',
           'linux-headers-amd64', 'python3', 'python3-bpfcc', 'libbpfcc', 'libbpf1', 'bpftool',
-          'python3-apt', 'openssh-server', 'systemd']
+          'python3-apt', 'openssh-server', 'systemd', 'clang', 'llvm']
 json.dump(dict(key=key, suite=suite, kernel_release=release, kernel_lsm_default=lsm,
                sources=open(work + '/sources.list').read().splitlines(),
                packages={p: packages.get(p) for p in wanted},

@@ -37,6 +37,7 @@ SUITES = {'bookworm': '6.1', 'trixie': '6.12'}
 GUEST_SCRIPTS = [
     'molecule/vm-nosockmap/files/deny_sockmap.py',
     'molecule/vm-nosockmap/files/snapshot.py',
+    'molecule/vm/files/package_sizes.py',
 ]
 
 
@@ -139,6 +140,48 @@ def test_suites_agree():
     with open(SCRIPT) as f:
         listed = re.search(r'^GUEST_SUITES=\(([^)]*)\)$', f.read(), re.M).group(1).split()
     assert sorted(listed) == sorted(SUITES)
+
+
+def image_lists():
+    """The image script's package lists: base, per suite, and what a suite must not have."""
+    with open(SCRIPT) as f:
+        text = f.read()
+    base = re.search(r'^GUEST_PACKAGES=\(([^)]*)\)$', text, re.M).group(1).split()
+    per_suite = dict(re.findall(r'^  \[(\w+)\]="([^"]*)"$', re.search(
+        r'^declare -A SUITE_PACKAGES=\((.*?)^\)$', text, re.M | re.S).group(1), re.M))
+    absent = dict(re.findall(r'^  \[(\w+)\]="([^"]*)"$', re.search(
+        r'^declare -A SUITE_ABSENT=\((.*?)^\)$', text, re.M | re.S).group(1), re.M))
+    return base, {k: v.split() for k, v in per_suite.items()}, absent
+
+
+def test_each_suite_has_the_packages_of_its_loader():
+    """bookworm's converge uses the bcc loader, its image has BCC and the
+    kernel's headers; trixie's uses the prebuilt object, its image has
+    neither, and the build refuses a compiler, LLVM, headers or BCC pulled in
+    as a dependency (the same pattern as verify's check in the guest).
+    bpftool (verify's witness) is in both."""
+    with open(os.path.join(REPO, 'molecule', 'vm', 'vars', 'guest.yml')) as f:
+        suites = yaml.safe_load(f)['vm_suites']
+    with open(os.path.join(REPO, 'molecule', 'vm', 'vars', 'scenario.yml')) as f:
+        scenario = yaml.safe_load(f)
+    base, per_suite, absent = image_lists()
+    assert {name: v['loader'] for name, v in suites.items()} == {'bookworm': 'bcc', 'trixie': 'object'}
+    assert sorted(per_suite) == sorted(absent) == sorted(SUITES)
+    assert 'bpftool' in base
+    assert not {'python3-bpfcc', 'linux-headers-amd64', 'clang', 'llvm'} & set(base)
+    assert {'python3-bpfcc', 'linux-headers-amd64'} <= set(per_suite['bookworm'])
+    assert per_suite['trixie'] == [] and absent['bookworm'] == ''
+    assert scenario['sockredir_loader'] == '{{ vm_suites[vm_suite].loader }}'
+    assert absent['trixie'] == scenario['scenario_compiler_packages']
+    refused = re.compile(absent['trixie'])
+    for name in ['clang', 'clang-19', 'libclang-cpp19', 'llvm-19', 'libllvm19', 'linux-headers-amd64',
+                 'linux-headers-6.12.118+deb13-amd64', 'linux-headers-6.12.118+deb13-common', 'python3-bpfcc',
+                 'libbpfcc', 'bpfcc-tools', 'gcc', 'gcc-14', 'gcc-14-x86-64-linux-gnu', 'cpp', 'cpp-14',
+                 'cpp-14-x86-64-linux-gnu', 'linux-compiler-gcc-12-x86']:
+        assert refused.search(name), name
+    for name in ['bpftool', 'libbpf1', 'gcc-14-base', 'libgcc-s1', 'python3', 'linux-image-amd64',
+                 'iproute2']:
+        assert not refused.search(name), name
 
 
 @pytest.fixture(scope='module')
