@@ -137,7 +137,7 @@ def test_every_redirect_sample_proves_the_path_its_bytes_took(quick):
             # both sockets of every connection the namespace opened went in the sockhash
             assert s['tcp']['active_opens'] > 0 and c['inserted'] == 2 * s['tcp']['active_opens']
             assert c['not_admitted_peer'] == c['not_admitted_early_data'] == 0, name
-            assert c['insert_full'] == c['insert_failed'] == c['demoted_both_ways'] == 0, name
+            assert c['insert_full'] == c['insert_failed'] == c['demotion_refused'] == 0, name
             assert c['redirected_bytes'] > 0 and c['redirected_msgs'] > 0, name
             small_writes = cell['app'] == 'iperf3' and cell['variant'] == '1K'
             if not small_writes or build == 'bcc':
@@ -243,15 +243,9 @@ def made_up(app, expect, **counters):
     c = {k: 0 for k in ('redirected_msgs', 'redirected_bytes', 'passed_msgs', 'passed_bytes',
                         'inserted', 'insert_full', 'insert_failed', 'not_admitted_peer',
                         'not_admitted_early_data', 'demoted_small_writes', 'tcp_peer_absent',
-                        'removed', 'demoted_both_ways')}
+                        'removed', 'demotion_refused')}
     sample = dict(tcp=dict(active_opens=51, lo_packets=400, lo_bytes=40000, in_segs=0, retrans_segs=0))
-    if app == 'nginx' and expect == apps.PATH_DEMOTED_BOTH:
-        # 50 connections, each: 15 sends of its first response redirected, then TCP both ways
-        sample.update(wrk=dict(bytes=1000 * apps.MIB, requests=1000), file_size=apps.MIB)
-        sample['tcp'].update(lo_bytes=960 * apps.MIB, lo_packets=80000)
-        c.update(inserted=102, redirected_msgs=800, redirected_bytes=45 * apps.MIB, passed_msgs=100,
-                 passed_bytes=3 * apps.MIB, demoted_both_ways=50, removed=100)
-    elif app == 'nginx':
+    if app == 'nginx':
         sample.update(wrk=dict(bytes=100 * apps.MIB, requests=100), file_size=apps.MIB)
         c.update(inserted=102, redirected_msgs=1000, redirected_bytes=100 * apps.MIB + 30000)
     else:  # iperf3 -l 1K
@@ -283,16 +277,6 @@ def made_up(app, expect, **counters):
     ('nginx', apps.PATH_REDIRECTED, dict(removed=1), ['removed_only_after_tcp']),
     ('nginx', apps.PATH_REDIRECTED, dict(tcp_peer_absent=1, passed_msgs=1, passed_bytes=100,
                                          removed=2), []),
-    ('nginx', apps.PATH_REDIRECTED, dict(demoted_both_ways=1, removed=2), ['nothing_demoted']),
-    ('nginx', apps.PATH_DEMOTED_BOTH, {}, []),
-    # a connection that stayed redirected all along
-    ('nginx', apps.PATH_DEMOTED_BOTH, dict(demoted_both_ways=49),
-     ['every_connection_demoted_both_ways_once', 'removed_only_after_tcp']),
-    ('nginx', apps.PATH_DEMOTED_BOTH, dict(demoted_small_writes=1), ['none_demoted_alone']),
-    ('nginx', apps.PATH_DEMOTED_BOTH, dict(removed=103),
-     ['at_most_both_sockets_left', 'removed_only_after_tcp']),
-    ('nginx', apps.PATH_DEMOTED_BOTH, dict(redirected_bytes=600 * apps.MIB),
-     ['most_bytes_over_tcp']),
     ('iperf3', apps.PATH_DEMOTED, {}, []),
     ('iperf3', apps.PATH_DEMOTED, dict(demoted_small_writes=0, removed=0),
      ['stream_demoted_once', 'demoted_socket_left_the_map']),

@@ -145,8 +145,8 @@ static __always_inline void sockredir_trace(__u32 stat, __u32 instance, const st
 		bpf_trace_printk("sockredir %x %u>%u to tcp: peer absent\n", instance, l, r); break;
 	case SOCKREDIR_STAT_REMOVED:
 		bpf_trace_printk("sockredir %x %u>%u left the sockhash\n", instance, l, r); break;
-	case SOCKREDIR_STAT_DEMOTED_BOTH_WAYS:
-		bpf_trace_printk("sockredir %x %u>%u to tcp both ways: small writes\n", instance, l, r); break;
+	case SOCKREDIR_STAT_DEMOTION_REFUSED:
+		bpf_trace_printk("sockredir %x %u>%u small writes stay redirected\n", instance, l, r); break;
 	}
 }
 #else
@@ -559,7 +559,7 @@ static __always_inline void sockredir_on_ack(struct bpf_sock_ops *skops,
  * gate (set-once, atomic) first makes sure nothing will be. Otherwise the
  * peer's remaining sends go TCP (redirect -> TCP keeps the order): the
  * reply then arrives with the ACK, and the socket leaves at an ACK once its
- * redirected queue is empty (sockredir_on_ack).
+ * redirected queue is empty and the peer has sent over TCP (sockredir_on_ack).
  */
 static __always_inline void sockredir_on_shutdown(struct bpf_sock_ops *skops,
 						  struct sockredir_key *key)
@@ -681,27 +681,21 @@ int sockredir_msg(struct sk_msg_md *msg)
 	small_streak = cfg && cfg->small_streak ? cfg->small_streak : SOCKREDIR_SMALL_STREAK;
 	if (size >= small_bytes) {
 		*streak = 0;
-	} else if (++*streak >= small_streak && SOCKREDIR_SEES_INGRESS) {
+	} else if (++*streak >= small_streak && SOCKREDIR_SEES_INGRESS &&
+		   !(*flags & SOCKREDIR_FLOW_KEEP)) {
 		/*
-		 * A one-way stream: TCP coalesces its writes, a redirect pays
-		 * a wake-up each (and on some kernels is slower than loopback
-		 * for large ones). A socket that nothing was redirected into
-		 * closes its gate and goes TCP alone; it leaves the map at its
-		 * next ACK. One that received redirected bytes cannot leave
-		 * yet (they may wait in its queue), and a TCP sender left in
-		 * the map pays the sk_msg copy: the whole connection goes TCP
-		 * (redirect -> TCP keeps the order each way), and each socket
-		 * leaves the map at an ACK once its queue is drained
-		 * (sockredir_on_ack).
+		 * A stream of small writes: TCP coalesces them, a redirect
+		 * pays a wake-up each. Only if the socket can leave the map
+		 * (a TCP sender left in it pays the sk_msg copy and can see
+		 * spurious EAGAIN on blocking reads).
 		 */
 		if (sockredir_may_leave(&own) && sockredir_go_tcp(flags, &own)) {
 			sockredir_decided(SOCKREDIR_STAT_DEMOTED_SMALL_WRITES, &own);
 			return sockredir_pass(size);
 		}
-		*flags |= SOCKREDIR_FLOW_TCP | SOCKREDIR_FLOW_TCP_SEEN;
-		sockredir_peer_go_tcp(flow, side);
-		sockredir_decided(SOCKREDIR_STAT_DEMOTED_BOTH_WAYS, &own);
-		return sockredir_pass(size);
+		*flags &= ~SOCKREDIR_FLOW_TCP;
+		*flags |= SOCKREDIR_FLOW_KEEP;
+		sockredir_decided(SOCKREDIR_STAT_DEMOTION_REFUSED, &own);
 	}
 
 	if (!(*flags & SOCKREDIR_FLOW_PEER_GATE_OPEN)) {

@@ -88,10 +88,9 @@ enum sockredir_stat {
 	SOCKREDIR_STAT_TCP_PEER_ABSENT = 10,
 	/* a socket that sends over TCP was taken out of the sockhash */
 	SOCKREDIR_STAT_REMOVED = 11,
-	/* a small-write streak switched both directions to TCP: redirected
-	 * bytes may still wait in the socket's queue, so it could not leave
-	 * the map alone */
-	SOCKREDIR_STAT_DEMOTED_BOTH_WAYS = 12,
+	/* a small-write streak stayed redirected: redirected bytes may
+	 * still wait in the socket's queue, so it cannot leave the map */
+	SOCKREDIR_STAT_DEMOTION_REFUSED = 12,
 	/* not admitted: the port policy (sockredir_ports) excludes it */
 	SOCKREDIR_STAT_NOT_ADMITTED_POLICY = 13,
 	SOCKREDIR_STAT_MAX = 14,
@@ -109,7 +108,7 @@ enum sockredir_stat {
 #define SOCKREDIR_FLOW_TCP		(1U << 1)	/* its sends go TCP, for good */
 #define SOCKREDIR_FLOW_REMOVE		(1U << 2)	/* leave the sockhash at the next ACK */
 #define SOCKREDIR_FLOW_PEER_GATE_OPEN	(1U << 3)	/* the peer's receive gate is open to us */
-/* (1U << 4) was "never demote" up to 0.2.0: unused, so that flows of a loaded older version mean nothing new */
+#define SOCKREDIR_FLOW_KEEP		(1U << 4)	/* cannot leave the map: never demote */
 #define SOCKREDIR_FLOW_TCP_SEEN		(1U << 5)	/* its own sk_msg has sent over TCP since: none of its redirects is in flight */
 
 struct sockredir_flow {

@@ -168,8 +168,8 @@ static __always_inline void sockredir_trace(__u32 stat, __u32 instance, const st
 		bpf_printk("sockredir %x %u>%u to tcp: peer absent", instance, l, r); break;
 	case SOCKREDIR_STAT_REMOVED:
 		bpf_printk("sockredir %x %u>%u left the sockhash", instance, l, r); break;
-	case SOCKREDIR_STAT_DEMOTED_BOTH_WAYS:
-		bpf_printk("sockredir %x %u>%u to tcp both ways: small writes", instance, l, r); break;
+	case SOCKREDIR_STAT_DEMOTION_REFUSED:
+		bpf_printk("sockredir %x %u>%u small writes stay redirected", instance, l, r); break;
 	}
 }
 

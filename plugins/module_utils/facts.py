@@ -15,7 +15,7 @@ from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfEr
 COUNTERS = ('redirected_msgs', 'redirected_bytes', 'passed_msgs', 'passed_bytes',
             'inserted', 'insert_full', 'insert_failed',
             'not_admitted_peer', 'not_admitted_early_data', 'demoted_small_writes',
-            'tcp_peer_absent', 'removed', 'demoted_both_ways', 'not_admitted_policy')
+            'tcp_peer_absent', 'removed', 'demotion_refused', 'not_admitted_policy')
 STATS_MAP = 'sockredir_stats'
 
 

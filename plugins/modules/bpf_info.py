@@ -147,8 +147,7 @@ counters:
       C(not_admitted_early_data) because bytes crossed TCP before the connection was established
       (TCP Fast Open).
     - C(demoted_small_writes) directions switched to TCP after a streak of small writes,
-      C(demoted_both_ways) streaks switched both directions of their connection to TCP (the socket had
-      received redirected bytes, so it could not leave the map alone; each socket leaves once drained);
+      C(demotion_refused) streaks stayed redirected because the socket had received redirected bytes;
       C(tcp_peer_absent) directions switched to TCP because their peer was not (or no longer) in the map;
       C(removed) sockets that send over TCP left the sockhash.
   returned: when O(pin_dir) holds C(sockredir_stats)
@@ -156,7 +155,7 @@ counters:
   sample: {"redirected_msgs": 1024, "redirected_bytes": 67108864, "passed_msgs": 3,
            "passed_bytes": 120, "inserted": 2, "insert_full": 0, "insert_failed": 0,
            "not_admitted_peer": 5, "not_admitted_early_data": 0, "demoted_small_writes": 1,
-           "tcp_peer_absent": 1, "removed": 1, "demoted_both_ways": 0}
+           "tcp_peer_absent": 1, "removed": 1, "demotion_refused": 0}
 attached:
   description: C(sock_ops) programs attached directly to O(cgroup).
   returned: when cgroup is given

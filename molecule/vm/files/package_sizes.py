@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """What each loader's package step costs on a fresh guest, asked of apt.
 
 Usage: package_sizes.py 'PATH=PKG,PKG,...' ... (e.g. object=libbpf1,bpftool)

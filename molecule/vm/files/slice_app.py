@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 # SPDX-License-Identifier: GPL-3.0-or-later
 """A small request/response application for the systemd slice check.
 
@@ -47,7 +46,7 @@ def echo(conn):
 def serve(port):
     srv = socket.create_server(('127.0.0.1', port), reuse_port=False)
     while True:
-        conn, _ = srv.accept()
+        conn = srv.accept()[0]
         threading.Thread(target=echo, args=(conn,), daemon=True).start()
 
 
@@ -55,7 +54,7 @@ def ask(port, count, size):
     start = time.monotonic()
     intact = True
     with socket.create_connection(('127.0.0.1', port), timeout=30) as sock:
-        for _ in range(count):
+        for _request in range(count):
             request = os.urandom(size)
             sock.sendall(request)
             intact = intact and recv_exactly(sock, size) == request
