@@ -34,6 +34,8 @@ from ansible_collections.ebpf.sockredir.plugins.module_utils.errors import BpfEr
 
 DEFAULT_CACHE = '/var/cache/ebpf-sockredir/kernel-headers'
 KHEADERS_ARCHIVE = '/sys/kernel/kheaders.tar.xz'
+# in a cached tree: it is complete
+STAMP = '.ebpf-sockredir-complete'
 
 
 def _version_key(path):
@@ -53,35 +55,47 @@ def _generic_debian_trees(src_root='/usr/src'):
     return sorted(pairs, key=lambda p: _version_key(p[0]))[-1]
 
 
-def _merge(flavour, common, cache_dir):
-    """Symlink tree of common overlaid by flavour; built once, atomically."""
-    target = os.path.join(cache_dir, os.path.basename(flavour))
-    stamp = os.path.join(target, '.ebpf-sockredir-complete')
-    if os.path.exists(stamp):
+def _done(target):
+    return os.path.exists(os.path.join(target, STAMP))
+
+
+def _build_once(target, cache_dir, fill, what):
+    """Make the tree `target` in cache_dir once: fill(tmp) builds it in a temporary
+    directory, which a stamp file marks complete and a rename puts in place (a run that
+    died half-way leaves no tree that counts)."""
+    if _done(target):
         return target
     os.makedirs(cache_dir, mode=0o755, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.merge-', dir=cache_dir)
+    tmp = tempfile.mkdtemp(prefix='.build-', dir=cache_dir)
     try:
-        for tree, extra in ((common, []), (flavour, ['-f'])):
-            # not module.run_command: the boot command runs this engine without an AnsibleModule
-            subprocess.run(['cp', '-rs'] + extra + [tree + '/.', tmp + '/'], check=True,  # pylint: disable=ansible-bad-function
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        open(os.path.join(tmp, '.ebpf-sockredir-complete'), 'w').close()
+        fill(tmp)
+        open(os.path.join(tmp, STAMP), 'w').close()
         os.chmod(tmp, 0o755)
         if os.path.isdir(target):
             shutil.rmtree(target)
         os.rename(tmp, target)
-    except (OSError, subprocess.CalledProcessError) as e:
+    except (OSError, subprocess.CalledProcessError, tarfile.TarError, EOFError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BpfError('kernel_headers: could not build the merged header tree in %s: %s'
-                       % (cache_dir, getattr(e, 'stderr', None) or e), param='kernel_headers')
+        raise BpfError('kernel_headers: could not %s in %s: %s'
+                       % (what, cache_dir, getattr(e, 'stderr', None) or e), param='kernel_headers')
     return target
+
+
+def _merge(flavour, common, cache_dir):
+    """Symlink tree of common overlaid by flavour; built once, atomically."""
+    def fill(tmp):
+        for tree, extra in ((common, []), (flavour, ['-f'])):
+            # not module.run_command: the boot command runs this engine without an AnsibleModule
+            subprocess.run(['cp', '-rs'] + extra + [tree + '/.', tmp + '/'], check=True,  # pylint: disable=ansible-bad-function
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return _build_once(os.path.join(cache_dir, os.path.basename(flavour)), cache_dir, fill,
+                       'build the merged header tree')
 
 
 def _kheaders_available(release, cache_dir, modules_root, archive):
     """'unpacked' (cached earlier), 'builtin' (the archive is there), 'module' (modprobe would
     provide it) or None."""
-    if os.path.exists(os.path.join(cache_dir, 'kheaders-' + release, '.ebpf-sockredir-complete')):
+    if _done(os.path.join(cache_dir, 'kheaders-' + release)):
         return 'unpacked'
     if os.path.isfile(archive):
         return 'builtin'
@@ -97,8 +111,7 @@ def _kheaders_available(release, cache_dir, modules_root, archive):
 def _unpack_kheaders(release, cache_dir, archive):
     """Unpack the kernel's own header archive into cache_dir/kheaders-<release>, once."""
     target = os.path.join(cache_dir, 'kheaders-' + release)
-    stamp = os.path.join(target, '.ebpf-sockredir-complete')
-    if os.path.exists(stamp):
+    if _done(target):
         return target
     if not os.path.isfile(archive):
         # not module.run_command: the boot command runs this engine without an AnsibleModule
@@ -111,24 +124,14 @@ def _unpack_kheaders(release, cache_dir, archive):
         if not os.path.isfile(archive):
             raise BpfError('kernel_headers: %s is missing and "modprobe kheaders" did not provide it: %s'
                            % (archive, why), param='kernel_headers')
-    os.makedirs(cache_dir, mode=0o755, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.kheaders-', dir=cache_dir)
-    try:
+
+    def fill(tmp):
         with tarfile.open(archive, 'r:xz') as tar:
             if hasattr(tarfile, 'data_filter'):  # Python >= 3.12 and the 3.8-3.11 security backports
                 tar.extractall(tmp, filter='data')
             else:
                 tar.extractall(tmp)  # nosec: the archive is the running kernel's own
-        open(os.path.join(tmp, '.ebpf-sockredir-complete'), 'w').close()
-        os.chmod(tmp, 0o755)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except (OSError, tarfile.TarError, EOFError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BpfError('kernel_headers: could not unpack %s into %s: %s' % (archive, cache_dir, e),
-                       param='kernel_headers')
-    return target
+    return _build_once(target, cache_dir, fill, 'unpack %s' % archive)
 
 
 def _kheaders(release, cache_dir, check_mode, modules_root, archive):
